@@ -1,0 +1,129 @@
+//! Virtio devices and the virtio-mmio transport that exposes them to the guest.
+//!
+//! A device is registered twice (the shape of rust-vmm's vmm-reference): its [`MmioTransport`] sits on the
+//! MMIO bus and handles the guest's register accesses from the vCPU threads, and the device itself is an
+//! event-manager subscriber on the main thread, woken by the ioeventfds of its queues (and by any host
+//! file descriptors of its own). Both hold the same `Arc<Mutex<_>>`.
+
+pub mod block;
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use event_manager::MutEventSubscriber;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// The guest memory every device works on.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Feature bit: the device conforms to virtio 1.x (required by virtio-mmio version 2).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bit: a used ring was updated.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Interrupt status bit: the configuration space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// The device's line to the guest: the interrupt status register of the transport plus an irqfd that
+/// KVM's in-kernel irqchip turns into an edge on the device's GSI without a trip through user space.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// The eventfd to register with KVM as an irqfd.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Tells the guest that used rings changed.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tells the guest that the configuration space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    fn signal(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// The value of the InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: the driver clears the bits it has handled.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a device receives when the driver sets DRIVER_OK: everything it needs to serve its queues.
+pub struct ActivateContext {
+    pub mem: GuestMemory,
+    /// One queue per entry of [`VirtioDevice::queue_max_sizes`], configured and validated by the driver.
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver acknowledged (a subset of [`VirtioDevice::features`]).
+    pub acked_features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up queue {0} with an invalid layout or size")]
+    InvalidQueue(usize),
+    #[error("the device was activated twice without a reset")]
+    AlreadyActive,
+    #[error("cannot register the device's event sources: {0}")]
+    Events(String),
+}
+
+/// A virtio device as the virtio-mmio transport sees it. Implementors are also event-manager subscribers:
+/// they watch [`VirtioDevice::queue_events`] and process their queues when the guest kicks them.
+pub trait VirtioDevice: MutEventSubscriber + Send {
+    /// Virtio device ID (2 for block, 19 for vsock).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+
+    /// Eventfds that the builder registers as ioeventfds on the transport's QueueNotify register, one per
+    /// queue, with the queue index as datamatch.
+    fn queue_events(&self) -> &[EventFd];
+
+    /// Reads from the device-specific configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes to the device-specific configuration space; writes to read-only fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts serving the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+
+    /// Stops serving the queues, after the driver wrote 0 to Status. Returns false if the device cannot be
+    /// reset, in which case the transport sets DEVICE_NEEDS_RESET and the device stays as it is.
+    fn reset(&mut self) -> bool {
+        false
+    }
+}
