@@ -5,8 +5,8 @@
 #   kernel-config/build.sh testhost   # the emulated KVM test host's kernel (KVM + kvm_amd built in)
 #
 # The result is cached under $VMM_CACHE_DIR (default ${XDG_CACHE_HOME:-~/.cache}/vmm) keyed by the hash of
-# everything that decides it: the fragment, the patches, this script, the kernel source package and the
-# compiler. A second run with the same inputs prints the cached path at once. Progress goes to stderr;
+# everything that decides it: the fragment, the patches, the build recipe version, the kernel source
+# package and the compiler. A second run with the same inputs prints the cached path at once. Progress goes to stderr;
 # stdout carries only the path.
 set -euo pipefail
 
@@ -42,7 +42,10 @@ install_build_deps() {
 install_build_deps
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || stat -c %s "$src_tar")
-key=$( { cat "$fragment" "$0"; cat "$here"/patches/*.patch 2>/dev/null || true
+# Bump when a change to this script changes the kernel it builds (not for cosmetic changes: a bump costs
+# every machine a rebuild).
+build_recipe=1
+key=$( { cat "$fragment"; echo "recipe $build_recipe"; cat "$here"/patches/*.patch 2>/dev/null || true
          echo "$src_version"; gcc --version | head -1; } | sha256sum | cut -c1-16)
 out=$cache/kernels/$flavour-$key
 if [ -f "$out/vmlinux" ]; then
@@ -87,9 +90,12 @@ done < "$fragment"
 jobs=$(nproc)
 say "make -j$jobs vmlinux"
 start=$(date +%s)
-# one line of progress per compiled directory, not per file
+# progress: one line the first time each directory is compiled, and a count every 500 objects
 make ARCH=x86_64 -j"$jobs" vmlinux 2>&1 | awk '
-  / (CC|AR|LD)  /{ n = split($2, p, "/"); d = (n > 2) ? p[1] "/" p[2] : p[1]; if (d != last) { print "kernel-config:   " d > "/dev/stderr"; last = d } next }
+  / (CC|AR|LD)  /{ n++; split($2, p, "/"); d = p[1]
+    if (!(d in seen)) { seen[d] = 1; printf "kernel-config:   %5d objects, now in %s/\n", n, d > "/dev/stderr" }
+    else if (n % 500 == 0) { printf "kernel-config:   %5d objects\n", n > "/dev/stderr" }
+    next }
   /error|warning: /{ print > "/dev/stderr" }'
 [ -f vmlinux ] || { say "the kernel build failed"; exit 1; }
 say "built in $(( $(date +%s) - start )) s, vmlinux $(( $(stat -c %s vmlinux) / 1024 )) KiB"

@@ -1,5 +1,15 @@
 //! vmm: a microVM monitor that runs one untrusted build command in its own KVM virtual machine.
 //!
-//! Data flows one way: command line -> [`config::VmConfig`] -> [`builder`] -> running VM -> result.
+//! Data flows one way: command line -> [`config::VmConfig`] -> [`builder`] -> [`runner`] (the running
+//! VM) -> [`result::RunResult`].
 
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod control;
 pub mod devices;
+pub mod initramfs;
+pub mod result;
+pub mod runner;
+pub mod timeline;
+pub mod vcpu;

@@ -1,1 +1,152 @@
-fn main() {}
+//! `vmm`: run one command in its own microVM and exit with its status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm::config::{detect_kvm_flavour, KvmFlavour, RawArgs, VmConfig};
+use vmm::result::EXIT_VMM_FAILED;
+use vmm::runner;
+use vmm::timeline::Timeline;
+
+/// Run a command in a fresh microVM and exit with its status.
+///
+/// Exit status: the command's own; 128+N if it was killed by signal N; 124 if --timeout fired; 125 if
+/// vmm itself failed; 126 if the command could not be run; 127 if it was not found.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    override_usage = "vmm [OPTIONS] [--cmd SCRIPT | -- PROGRAM [ARGS...]]"
+)]
+struct Cli {
+    /// Guest kernel: an ELF vmlinux (PVH entry, fastest) or a bzImage [default: ~/.cache/vmm/guest-vmlinux]
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Root file system image (ext4), opened read-only [default: ~/.cache/vmm/rootfs/busybox.ext4]
+    #[arg(long, value_name = "PATH")]
+    rootfs: Option<PathBuf>,
+    /// Guest memory in MiB (backed lazily: untouched memory costs nothing)
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    mem: u64,
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u64,
+    /// Show the guest's serial console (kernel log) on stderr
+    #[arg(long)]
+    console: bool,
+    /// Extra kernel command line
+    #[arg(long, value_name = "ARGS")]
+    append: Option<String>,
+    /// Shell script to run with /bin/sh -c
+    #[arg(long, value_name = "SCRIPT")]
+    cmd: Option<String>,
+    /// Environment variable for the command (repeatable)
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the command [default: /]
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run the command as UID[:GID] [default: 0:0]
+    #[arg(long, short = 'u', value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// Hard wall-clock limit in seconds: the VM is torn down and vmm exits 124
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<String>,
+    /// Write a JSON result (status, why the VM ended, timings, byte counts, exits) to FILE
+    #[arg(long, value_name = "FILE")]
+    result: Option<PathBuf>,
+    /// Go ahead on a host whose /dev/kvm cannot run a standard kernel at a useful speed (PVM)
+    #[arg(long)]
+    allow_slow_host: bool,
+    /// Program and arguments to run without a shell
+    #[arg(last = true, value_name = "PROGRAM")]
+    argv: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    die_with_parent();
+    // Before any thread exists, so that every thread inherits the blocked mask.
+    let signals = match runner::block_lifecycle_signals() {
+        Ok(fd) => fd,
+        Err(e) => return fail(&format!("cannot set up signal handling: {e}")),
+    };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_VMM_FAILED } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    let raw = RawArgs {
+        kernel: cli.kernel,
+        rootfs: cli.rootfs,
+        mem_mib: cli.mem,
+        vcpus: cli.vcpus,
+        console: cli.console,
+        append: cli.append,
+        cmd: cli.cmd,
+        argv: cli.argv,
+        env: cli.env,
+        workdir: cli.workdir,
+        user: cli.user,
+        timeout: cli.timeout,
+        result: cli.result,
+        trace: None,
+        allow_slow_host: cli.allow_slow_host,
+    };
+    let config = match VmConfig::try_from(raw) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if detect_kvm_flavour() == KvmFlavour::Pvm && !config.allow_slow_host {
+        return fail(
+            "this host's /dev/kvm is PVM (kvm_pvm, no VT-x/AMD-V): a standard guest kernel would be \
+             interpreted instruction by instruction and take minutes to boot; run vmm on a host with \
+             hardware virtualization or inside the emulated test host (tests/testhost/run vmm ...), \
+             or pass --allow-slow-host to go ahead anyway",
+        );
+    }
+    let mut timeline = Timeline::new(start);
+    timeline.mark("arguments parsed");
+
+    let result = match runner::run(&config, signals, timeline) {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Some(error) = &result.error {
+        eprintln!("vmm: {error}");
+    }
+    if let Some(path) = &config.result_file {
+        let written = serde_json::to_vec_pretty(&result)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(path, json));
+        if let Err(e) = written {
+            eprintln!("vmm: cannot write the result to {}: {e}", path.display());
+            return ExitCode::from(EXIT_VMM_FAILED as u8);
+        }
+    }
+    ExitCode::from(result.exit_code.clamp(0, 255) as u8)
+}
+
+/// The VM never outlives the process that started vmm: if our parent dies, so do we, and the VM with us.
+fn die_with_parent() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // The parent may have died between the two calls: then we were re-parented already.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        eprintln!("vmm: the process that started vmm has exited");
+        std::process::exit(EXIT_VMM_FAILED);
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("vmm: {message}");
+    ExitCode::from(EXIT_VMM_FAILED as u8)
+}

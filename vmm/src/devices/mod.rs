@@ -1,3 +1,4 @@
 //! The devices a vmm guest sees: only what the job needs.
 
+pub mod legacy;
 pub mod virtio;

@@ -1,0 +1,482 @@
+//! Everything the user asked for, parsed and checked up front: a bad flag, a missing file, an
+//! unreadable image or a kernel that is neither an ELF vmlinux nor a bzImage is an error here, before any
+//! KVM call. Nothing downstream re-parses user input.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::arch::mptable::MAX_VCPUS;
+
+/// Smallest guest: the kernel loads at 16 MiB and needs room above it.
+pub const MIN_MEM_MIB: u64 = 64;
+/// Largest guest we accept (guest memory is lazily backed, but the address space is not free).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kernel {0}: {1} (build one with kernel-config/build.sh guest, or pass --kernel)")]
+    KernelUnreadable(PathBuf, std::io::Error),
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    KernelFormat(PathBuf),
+    #[error("root file system image {0}: {1} (build one with rootfs/busybox-image.sh, or pass --rootfs)")]
+    RootfsUnreadable(PathBuf, std::io::Error),
+    #[error("root file system image {0} is empty or its size is not a multiple of 512 bytes: not a disk image")]
+    RootfsSize(PathBuf),
+    #[error("--mem {0}: must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")]
+    Memory(u64),
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u64),
+    #[error("--env {0:?}: expected KEY=VALUE")]
+    Env(String),
+    #[error("--user {0:?}: expected UID or UID:GID (numbers)")]
+    User(String),
+    #[error("--workdir {0:?}: must be an absolute path")]
+    Workdir(String),
+    #[error("--timeout {0:?}: expected a positive number of seconds")]
+    Timeout(String),
+    #[error("--append {0:?}: {1}")]
+    Append(String, &'static str),
+    #[error("give the command either with --cmd or after --, not both")]
+    CommandTwice,
+}
+
+/// How the kernel image is laid out, which decides how it is loaded and entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An uncompressed ELF vmlinux (PVH entry when it has the note: the fast path).
+    Elf,
+    /// A compressed bzImage (64-bit Linux boot protocol; the decompressor runs in the guest).
+    BzImage,
+}
+
+/// The command to run in the guest and its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    /// Extra `KEY=VALUE` entries, applied over the defaults.
+    pub env: Vec<(String, String)>,
+    pub workdir: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A validated description of one VM and the command it runs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub kernel_format: KernelFormat,
+    pub rootfs: PathBuf,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub console: bool,
+    /// Extra kernel command line, appended after ours.
+    pub append: String,
+    /// None: boot the image's own init (no guest-init, no control channel).
+    pub command: Option<CommandSpec>,
+    pub timeout: Option<Duration>,
+    pub result_file: Option<PathBuf>,
+    pub trace_file: Option<PathBuf>,
+    /// Run even where /dev/kvm cannot run a standard kernel at a useful speed.
+    pub allow_slow_host: bool,
+}
+
+/// The raw flags, as the command line parser produced them.
+#[derive(Debug, Clone, Default)]
+pub struct RawArgs {
+    pub kernel: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub console: bool,
+    pub append: Option<String>,
+    pub cmd: Option<String>,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub timeout: Option<String>,
+    pub result: Option<PathBuf>,
+    pub trace: Option<PathBuf>,
+    pub allow_slow_host: bool,
+}
+
+/// Where the project's build scripts leave their artifacts.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMM_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("vmm")
+}
+
+pub fn default_kernel() -> PathBuf {
+    cache_dir().join("guest-vmlinux")
+}
+
+pub fn default_rootfs() -> PathBuf {
+    cache_dir().join("rootfs").join("busybox.ext4")
+}
+
+impl TryFrom<RawArgs> for VmConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawArgs) -> Result<Self, ConfigError> {
+        let kernel = raw.kernel.unwrap_or_else(default_kernel);
+        let kernel_format = detect_kernel_format(&kernel)?;
+        let rootfs = raw.rootfs.unwrap_or_else(default_rootfs);
+        check_rootfs(&rootfs)?;
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&raw.mem_mib) {
+            return Err(ConfigError::Memory(raw.mem_mib));
+        }
+        if raw.vcpus == 0 || raw.vcpus > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::Vcpus(raw.vcpus));
+        }
+        let append = raw.append.unwrap_or_default();
+        if append.contains('\0') || append.contains('\n') {
+            return Err(ConfigError::Append(
+                append,
+                "must be one line without NUL bytes",
+            ));
+        }
+
+        let argv = match (raw.cmd, raw.argv.is_empty()) {
+            (Some(_), false) => return Err(ConfigError::CommandTwice),
+            (Some(script), true) => Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]),
+            (None, false) => Some(raw.argv),
+            (None, true) => None,
+        };
+        let command = match argv {
+            None => None,
+            Some(argv) => {
+                let env = raw
+                    .env
+                    .iter()
+                    .map(|e| parse_env(e))
+                    .collect::<Result<_, _>>()?;
+                let workdir = raw.workdir.unwrap_or_else(|| "/".to_string());
+                if !workdir.starts_with('/') {
+                    return Err(ConfigError::Workdir(workdir));
+                }
+                let (uid, gid) = match raw.user {
+                    Some(u) => parse_user(&u)?,
+                    None => (0, 0),
+                };
+                Some(CommandSpec {
+                    argv,
+                    env,
+                    workdir,
+                    uid,
+                    gid,
+                })
+            }
+        };
+        let timeout = raw.timeout.map(|t| parse_timeout(&t)).transpose()?;
+
+        Ok(VmConfig {
+            kernel,
+            kernel_format,
+            rootfs,
+            mem_mib: raw.mem_mib,
+            vcpus: raw.vcpus as u8,
+            console: raw.console,
+            append,
+            command,
+            timeout,
+            result_file: raw.result,
+            trace_file: raw.trace,
+            allow_slow_host: raw.allow_slow_host,
+        })
+    }
+}
+
+/// Reads the first bytes of the kernel: ELF magic, or the bzImage "HdrS" signature at 0x202.
+pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let mut head = [0u8; 0x206];
+    let mut file =
+        File::open(path).map_err(|e| ConfigError::KernelUnreadable(path.to_path_buf(), e))?;
+    let n = read_up_to(&mut file, &mut head)
+        .map_err(|e| ConfigError::KernelUnreadable(path.to_path_buf(), e))?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ConfigError::KernelFormat(path.to_path_buf()))
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn check_rootfs(path: &Path) -> Result<(), ConfigError> {
+    let file =
+        File::open(path).map_err(|e| ConfigError::RootfsUnreadable(path.to_path_buf(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ConfigError::RootfsUnreadable(path.to_path_buf(), e))?;
+    if meta.is_dir() {
+        return Err(ConfigError::RootfsUnreadable(
+            path.to_path_buf(),
+            std::io::Error::other("is a directory; make an image with rootfs/mkimage.sh"),
+        ));
+    }
+    if meta.len() == 0 || meta.len() % 512 != 0 {
+        return Err(ConfigError::RootfsSize(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn parse_env(entry: &str) -> Result<(String, String), ConfigError> {
+    match entry.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(ConfigError::Env(entry.to_string())),
+    }
+}
+
+fn parse_user(user: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::User(user.to_string());
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid: u32 = u.parse().map_err(|_| bad())?;
+    let gid: u32 = match g {
+        Some(g) => g.parse().map_err(|_| bad())?,
+        None => uid,
+    };
+    Ok((uid, gid))
+}
+
+fn parse_timeout(t: &str) -> Result<Duration, ConfigError> {
+    let secs: f64 = t.parse().map_err(|_| ConfigError::Timeout(t.to_string()))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(ConfigError::Timeout(t.to_string()));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What the host's /dev/kvm can do for a standard Linux guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmFlavour {
+    /// VT-x or AMD-V: guests run at native speed.
+    Hardware,
+    /// PVM (kvm_pvm, no vmx/svm): a non-PVM guest kernel's ring 0 is interpreted, about a minute to boot.
+    Pvm,
+    /// Neither recognisable: let KVM decide.
+    Unknown,
+}
+
+/// Looks at /proc/cpuinfo and the loaded modules.
+pub fn detect_kvm_flavour() -> KvmFlavour {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let pvm_loaded = Path::new("/sys/module/kvm_pvm").exists()
+        || modules.lines().any(|l| l.starts_with("kvm_pvm "));
+    classify_kvm(&cpuinfo, pvm_loaded)
+}
+
+fn classify_kvm(cpuinfo: &str, pvm_loaded: bool) -> KvmFlavour {
+    let has_hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    match (has_hw, pvm_loaded) {
+        (true, _) => KvmFlavour::Hardware,
+        (false, true) => KvmFlavour::Pvm,
+        (false, false) => KvmFlavour::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A file of its own for every call: the tests run in parallel.
+    fn temp_file(name: &str, content: &[u8]) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmm-config-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        File::create(&p).unwrap().write_all(content).unwrap();
+        p
+    }
+
+    fn elf() -> PathBuf {
+        temp_file("vmlinux", b"\x7fELF\x02\x01\x01rest-of-it")
+    }
+
+    fn disk() -> PathBuf {
+        temp_file("disk.img", &[0u8; 1024])
+    }
+
+    fn raw() -> RawArgs {
+        RawArgs {
+            kernel: Some(elf()),
+            rootfs: Some(disk()),
+            mem_mib: 256,
+            vcpus: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kernel_formats_are_recognised() {
+        assert_eq!(detect_kernel_format(&elf()).unwrap(), KernelFormat::Elf);
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(
+            detect_kernel_format(&temp_file("bzImage", &bz)).unwrap(),
+            KernelFormat::BzImage
+        );
+        assert!(matches!(
+            detect_kernel_format(&temp_file("junk", b"#!/bin/sh\n")),
+            Err(ConfigError::KernelFormat(_))
+        ));
+        assert!(matches!(
+            detect_kernel_format(Path::new("/nonexistent/vmlinux")),
+            Err(ConfigError::KernelUnreadable(..))
+        ));
+    }
+
+    #[test]
+    fn script_and_argv_commands() {
+        let c = VmConfig::try_from(RawArgs {
+            cmd: Some("echo hi".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(c.command.unwrap().argv, ["/bin/sh", "-c", "echo hi"]);
+        let c = VmConfig::try_from(RawArgs {
+            argv: vec!["ls".into(), "/".into()],
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(c.command.unwrap().argv, ["ls", "/"]);
+        assert!(VmConfig::try_from(raw()).unwrap().command.is_none());
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                cmd: Some("x".into()),
+                argv: vec!["y".into()],
+                ..raw()
+            }),
+            Err(ConfigError::CommandTwice)
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                mem_mib: 8,
+                ..raw()
+            }),
+            Err(ConfigError::Memory(8))
+        ));
+        assert!(matches!(
+            VmConfig::try_from(RawArgs { vcpus: 0, ..raw() }),
+            Err(ConfigError::Vcpus(0))
+        ));
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                vcpus: 999,
+                ..raw()
+            }),
+            Err(ConfigError::Vcpus(999))
+        ));
+        let with_cmd = || RawArgs {
+            cmd: Some("true".into()),
+            ..raw()
+        };
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                env: vec!["NOEQUALS".into()],
+                ..with_cmd()
+            }),
+            Err(ConfigError::Env(_))
+        ));
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                user: Some("bob".into()),
+                ..with_cmd()
+            }),
+            Err(ConfigError::User(_))
+        ));
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                workdir: Some("rel".into()),
+                ..with_cmd()
+            }),
+            Err(ConfigError::Workdir(_))
+        ));
+        for t in ["0", "-1", "abc", "inf", "NaN"] {
+            assert!(matches!(
+                VmConfig::try_from(RawArgs {
+                    timeout: Some(t.into()),
+                    ..with_cmd()
+                }),
+                Err(ConfigError::Timeout(_))
+            ));
+        }
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                rootfs: Some(temp_file("odd.img", &[0; 100])),
+                ..raw()
+            }),
+            Err(ConfigError::RootfsSize(_))
+        ));
+        assert!(matches!(
+            VmConfig::try_from(RawArgs {
+                rootfs: Some("/nonexistent.img".into()),
+                ..raw()
+            }),
+            Err(ConfigError::RootfsUnreadable(..))
+        ));
+    }
+
+    #[test]
+    fn user_env_timeout_parse() {
+        let c = VmConfig::try_from(RawArgs {
+            cmd: Some("true".into()),
+            env: vec!["A=b=c".into(), "EMPTY=".into()],
+            user: Some("1000:100".into()),
+            timeout: Some("2.5".into()),
+            ..raw()
+        })
+        .unwrap();
+        let cmd = c.command.unwrap();
+        assert_eq!(
+            cmd.env,
+            [("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]
+        );
+        assert_eq!((cmd.uid, cmd.gid), (1000, 100));
+        assert_eq!(c.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(parse_user("7").unwrap(), (7, 7));
+    }
+
+    #[test]
+    fn kvm_flavour_classification() {
+        let vmx = "processor : 0\nflags : fpu vme vmx sse\n";
+        let plain = "processor : 0\nflags : fpu vme sse\n";
+        assert_eq!(classify_kvm(vmx, false), KvmFlavour::Hardware);
+        assert_eq!(classify_kvm("flags : svm\n", true), KvmFlavour::Hardware);
+        assert_eq!(classify_kvm(plain, true), KvmFlavour::Pvm);
+        assert_eq!(classify_kvm(plain, false), KvmFlavour::Unknown);
+    }
+}

@@ -1,0 +1,188 @@
+//! The host end of the control channel: speaks the protocol with guest-init over the vsock stream that
+//! the vsock device hands us as a Unix socket. It sends the run request and stdin, and turns the guest's
+//! frames into our stdout and stderr and the command's exit status. Every frame from the guest is
+//! hostile: a malformed one ends the run with a protocol error.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vmm_protocol::{
+    ErrorKind, ExitStatus, Message, Milestone, ReadError, RunRequest, MAX_CHUNK, VERSION,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How the conversation with guest-init ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command ran and ended so.
+    Exited(ExitStatus),
+    /// guest-init could not run the command.
+    Failed(ErrorKind, String),
+    /// The guest broke the protocol or closed the channel early.
+    Protocol(String),
+}
+
+/// What the control channel learnt, read by the main thread at teardown.
+#[derive(Debug, Default, Clone)]
+pub struct ControlState {
+    pub connected_at: Option<Instant>,
+    pub outcome: Option<Outcome>,
+    /// Guest milestones as (milestone, guest CLOCK_BOOTTIME ns, host time of arrival).
+    pub milestones: Vec<(Milestone, u64, Instant)>,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub stdin_bytes: u64,
+}
+
+/// Sends frames to the guest from several threads (stdin pump, signal forwarding).
+#[derive(Clone)]
+pub struct ControlWriter(Arc<Mutex<Option<UnixStream>>>);
+
+impl ControlWriter {
+    fn send(&self, msg: &Message) -> std::io::Result<()> {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(stream) => msg.write_to(stream),
+            None => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
+    }
+
+    /// Forwards a signal to the command. Returns false if the guest is not connected (yet).
+    pub fn forward_signal(&self, signal: i32) -> bool {
+        self.send(&Message::Signal(signal)).is_ok()
+    }
+}
+
+pub struct Control {
+    pub state: Arc<Mutex<ControlState>>,
+    pub writer: ControlWriter,
+    /// Written when `state.outcome` is set.
+    pub done: EventFd,
+    _thread: JoinHandle<()>,
+}
+
+/// Starts the control thread: it waits for guest-init to connect, then runs the conversation.
+pub fn start(
+    connections: Receiver<UnixStream>,
+    request: RunRequest,
+    stdin: Box<dyn Read + Send>,
+) -> std::io::Result<Control> {
+    let state = Arc::new(Mutex::new(ControlState::default()));
+    let writer = ControlWriter(Arc::new(Mutex::new(None)));
+    let done = EventFd::new(libc::EFD_NONBLOCK)?;
+    let thread = {
+        let state = state.clone();
+        let writer = writer.clone();
+        let done = done.try_clone()?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let outcome = converse(&connections, request, stdin, &state, &writer);
+                lock(&state).outcome = Some(outcome);
+                // if the write fails the counter is saturated and the loop is awake anyway
+                let _ = done.write(1);
+            })?
+    };
+    Ok(Control {
+        state,
+        writer,
+        done,
+        _thread: thread,
+    })
+}
+
+fn lock(state: &Mutex<ControlState>) -> std::sync::MutexGuard<'_, ControlState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn converse(
+    connections: &Receiver<UnixStream>,
+    request: RunRequest,
+    stdin: Box<dyn Read + Send>,
+    state: &Mutex<ControlState>,
+    writer: &ControlWriter,
+) -> Outcome {
+    let Ok(mut stream) = connections.recv() else {
+        return Outcome::Protocol("the vsock device went away before guest-init connected".into());
+    };
+    lock(state).connected_at = Some(Instant::now());
+    match Message::read_from(&mut stream) {
+        Ok(Message::Hello { version }) if version == VERSION => {}
+        Ok(Message::Hello { version }) => {
+            return Outcome::Protocol(format!(
+                "guest-init speaks protocol version {version}, vmm speaks {VERSION}"
+            ))
+        }
+        Ok(other) => return Outcome::Protocol(format!("expected Hello, got {other:?}")),
+        Err(e) => return Outcome::Protocol(format!("before Hello: {e}")),
+    }
+    match stream.try_clone() {
+        Ok(w) => *writer.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+        Err(e) => return Outcome::Protocol(format!("cannot clone the control socket: {e}")),
+    }
+    if let Err(e) = writer.send(&Message::Run(request)) {
+        return Outcome::Protocol(format!("sending the run request: {e}"));
+    }
+    start_stdin_pump(stdin, writer.clone());
+
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        match Message::read_from(&mut stream) {
+            Ok(Message::Stdout(data)) => {
+                lock(state).stdout_bytes += data.len() as u64;
+                // A closed stdout (e.g. `vmm ... | head`) must not end the run early: drop the bytes.
+                let _ = stdout.write_all(&data).and_then(|_| stdout.flush());
+            }
+            Ok(Message::Stderr(data)) => {
+                lock(state).stderr_bytes += data.len() as u64;
+                let _ = stderr.write_all(&data).and_then(|_| stderr.flush());
+            }
+            Ok(Message::Milestone {
+                milestone,
+                boottime_ns,
+            }) => {
+                lock(state)
+                    .milestones
+                    .push((milestone, boottime_ns, Instant::now()));
+            }
+            Ok(Message::Exit(status)) => return Outcome::Exited(status),
+            Ok(Message::Error { kind, message }) => return Outcome::Failed(kind, message),
+            Ok(other) => {
+                return Outcome::Protocol(format!("unexpected frame from the guest: {other:?}"))
+            }
+            Err(ReadError::Closed) => {
+                return Outcome::Protocol("guest-init closed the control channel".into())
+            }
+            Err(e) => return Outcome::Protocol(e.to_string()),
+        }
+    }
+}
+
+/// Forwards our stdin to the command, then its end of file.
+fn start_stdin_pump(mut stdin: Box<dyn Read + Send>, writer: ControlWriter) {
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; MAX_CHUNK];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if writer.send(&Message::Stdin(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = writer.send(&Message::StdinClosed);
+        });
+    // Without the pump the command sees no stdin, as with a closed one; the run goes on.
+    drop(spawned);
+}

@@ -1,0 +1,427 @@
+//! The running VM: vCPU threads, the event loop on the main thread, and the one teardown path that
+//! every ending goes through (command exited, guest reset, timeout, signal, fatal error): stop the
+//! vCPUs, collect what happened, produce the result.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_protocol::{ExitStatus, RunRequest};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::builder::{self, BuildError, Vm};
+use crate::config::VmConfig;
+use crate::control::{self, Control, Outcome};
+use crate::result::*;
+use crate::timeline::Timeline;
+use crate::vcpu::{self, ExitCounts, GuestEnd, VcpuHandle};
+
+/// How long the command gets to end after a forwarded SIGTERM/SIGINT before the VM is torn down.
+const SIGNAL_GRACE: Duration = Duration::from_secs(5);
+/// After the guest has ended, how long to wait for its last frames to reach us.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long the vCPU threads get to leave KVM_RUN at teardown; exiting the process stops them anyway.
+const VCPU_STOP_WAIT: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot set up a timer: {0}")]
+    Timer(vmm_sys_util::errno::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Blocks the signals the event loop takes through a signalfd. Call before any thread starts, so every
+/// thread inherits the mask and the signals queue for the signalfd.
+pub fn block_lifecycle_signals() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new signalfd.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd.
+fn read_signal(fd: RawFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is a writable buffer of `size` bytes.
+    let n = unsafe { libc::read(fd, &mut info as *mut _ as *mut libc::c_void, size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// What the event loop decided.
+#[derive(Debug, Clone)]
+enum Decision {
+    Command,
+    Guest(GuestEnd),
+    Timeout,
+    Signal(i32),
+}
+
+/// The event-loop subscriber that watches for the end of the run.
+struct Lifecycle {
+    vm_end: Arc<vcpu::VmEnd>,
+    control: Option<(RawFd, control::ControlWriter)>,
+    signals: OwnedFd,
+    timeout: Option<TimerFd>,
+    grace: TimerFd,
+    /// Set when the guest ended but the control channel may still hold its last frames.
+    guest_ended: Option<GuestEnd>,
+    pending_signal: Option<i32>,
+    decision: Option<Decision>,
+}
+
+const TOKEN_VM_END: u32 = 1;
+const TOKEN_CONTROL: u32 = 2;
+const TOKEN_SIGNAL: u32 = 3;
+const TOKEN_TIMEOUT: u32 = 4;
+const TOKEN_GRACE: u32 = 5;
+
+impl Lifecycle {
+    fn arm_grace(&mut self, after: Duration) {
+        // If arming fails the run ends at the next event instead of after the grace period.
+        if self.grace.reset(after, None).is_err() {
+            self.decide_on_grace();
+        }
+    }
+
+    fn decide_on_grace(&mut self) {
+        self.decision = Some(match (self.pending_signal, &self.guest_ended) {
+            (Some(sig), _) => Decision::Signal(sig),
+            (None, Some(end)) => Decision::Guest(end.clone()),
+            (None, None) => return,
+        });
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        if self.pending_signal.is_some() {
+            // a second signal: stop waiting for the command
+            self.decision = Some(Decision::Signal(sig));
+            return;
+        }
+        self.pending_signal = Some(sig);
+        match &self.control {
+            Some((_, writer)) if writer.forward_signal(sig) => self.arm_grace(SIGNAL_GRACE),
+            _ => self.decision = Some(Decision::Signal(sig)),
+        }
+    }
+}
+
+impl MutEventSubscriber for Lifecycle {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_VM_END => {
+                let _ = self.vm_end.event().read();
+                let end = self.vm_end.reason().unwrap_or(GuestEnd::Shutdown);
+                if self.control.is_some() {
+                    self.guest_ended = Some(end);
+                    self.arm_grace(DRAIN_GRACE);
+                } else {
+                    self.decision = Some(Decision::Guest(end));
+                }
+            }
+            TOKEN_CONTROL => self.decision = Some(Decision::Command),
+            TOKEN_SIGNAL => {
+                while let Some(sig) = read_signal(self.signals.as_raw_fd()) {
+                    self.on_signal(sig);
+                }
+            }
+            TOKEN_TIMEOUT => self.decision = Some(Decision::Timeout),
+            TOKEN_GRACE => {
+                let _ = self.grace.wait();
+                self.decide_on_grace();
+            }
+            _ => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![
+            (self.vm_end.event().as_raw_fd(), TOKEN_VM_END),
+            (self.signals.as_raw_fd(), TOKEN_SIGNAL),
+            (self.grace.as_raw_fd(), TOKEN_GRACE),
+        ];
+        if let Some((fd, _)) = &self.control {
+            fds.push((*fd, TOKEN_CONTROL));
+        }
+        if let Some(t) = &self.timeout {
+            fds.push((t.as_raw_fd(), TOKEN_TIMEOUT));
+        }
+        for (fd, token) in fds {
+            // Without these the run could not end; build() already proved epoll works.
+            let _ = ops.add(Events::with_data_raw(fd, token, EventSet::IN));
+        }
+    }
+}
+
+/// The guest's view of the command: argv, the whole environment, workdir, user.
+fn run_request(spec: &crate::config::CommandSpec) -> RunRequest {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        (
+            "HOME".into(),
+            if spec.uid == 0 {
+                "/root".into()
+            } else {
+                "/".into()
+            },
+        ),
+    ];
+    for (k, v) in &spec.env {
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    RunRequest {
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: env
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}").into_bytes())
+            .collect(),
+        workdir: spec.workdir.as_bytes().to_vec(),
+        uid: spec.uid,
+        gid: spec.gid,
+    }
+}
+
+/// Boots the VM described by `config`, runs it to its end and returns the result.
+pub fn run(
+    config: &VmConfig,
+    signals: OwnedFd,
+    mut timeline: Timeline,
+) -> Result<RunResult, RunError> {
+    let vm: Vm = builder::build(config, crate::initramfs::GUEST_INIT, &mut timeline)?;
+    let control: Option<Control> = match &config.command {
+        Some(spec) => Some(
+            control::start(vm.control, run_request(spec), Box::new(std::io::stdin()))
+                .map_err(RunError::Thread)?,
+        ),
+        None => {
+            drop(vm.control);
+            None
+        }
+    };
+
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| RunError::EventLoop(e.to_string()))?;
+    for s in &vm.subscribers {
+        em.add_subscriber(s.clone());
+    }
+    let timeout = match config.timeout {
+        Some(t) => {
+            let mut fd = TimerFd::new().map_err(RunError::Timer)?;
+            fd.reset(t, None).map_err(RunError::Timer)?;
+            Some(fd)
+        }
+        None => None,
+    };
+    let lifecycle = Arc::new(Mutex::new(Lifecycle {
+        vm_end: vm.end.clone(),
+        control: control
+            .as_ref()
+            .map(|c| (c.done.as_raw_fd(), c.writer.clone())),
+        signals,
+        timeout,
+        grace: TimerFd::new().map_err(RunError::Timer)?,
+        guest_ended: None,
+        pending_signal: None,
+        decision: None,
+    }));
+    em.add_subscriber(lifecycle.clone());
+
+    vcpu::register_kick_signal().map_err(|e| RunError::Signals(e.into()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles: Vec<VcpuHandle> = Vec::new();
+    for (index, fd) in vm.vcpus.into_iter().enumerate() {
+        handles.push(
+            vcpu::spawn(index as u8, fd, vm.io.clone(), vm.end.clone(), stop.clone())
+                .map_err(RunError::Thread)?,
+        );
+    }
+    timeline.mark("vcpus started");
+
+    let decision = loop {
+        if let Some(d) = lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decision
+            .clone()
+        {
+            break d;
+        }
+        em.run().map_err(|e| RunError::EventLoop(e.to_string()))?;
+    };
+    let ended_at = Instant::now();
+    timeline.mark("vm ended");
+
+    // Teardown: one path for every ending.
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_WAIT;
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        handles.iter().for_each(VcpuHandle::kick);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let exit_counts: Vec<ExitCounts> = handles
+        .into_iter()
+        .filter(|h| h.is_finished())
+        .filter_map(VcpuHandle::join)
+        .collect();
+    let control_state = control
+        .as_ref()
+        .map(|c| c.state.lock().unwrap_or_else(|p| p.into_inner()).clone());
+
+    let (exit_code, status, end, error) = conclude(config, &decision, control_state.as_ref());
+    let first_run = exit_counts.iter().filter_map(|c| c.first_run).min();
+    if let Some(t) = first_run {
+        timeline.mark_at("first KVM_RUN", t);
+    }
+    let milestone_at = |m: vmm_protocol::Milestone| {
+        control_state.as_ref().and_then(|s| {
+            s.milestones
+                .iter()
+                .find(|(k, ..)| *k == m)
+                .map(|(_, _, at)| *at)
+        })
+    };
+    let started = milestone_at(vmm_protocol::Milestone::CommandStarted);
+    let exited = milestone_at(vmm_protocol::Milestone::CommandExited);
+    let start = timeline.start();
+    let block = vm.block.lock().unwrap_or_else(|p| p.into_inner()).stats();
+    let (to_host, to_guest) = vm
+        .vsock
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .bytes_counters();
+    let timings = Timings {
+        setup: first_run.map(|t| ms(t - start)).unwrap_or(0.0),
+        boot: match (&config.command, started) {
+            (Some(_), Some(t)) => Some(ms(t - start)),
+            (Some(_), None) => None,
+            (None, _) => Some(ms(ended_at - start)),
+        },
+        command: started
+            .zip(exited.or(Some(ended_at)))
+            .map(|(s, e)| ms(e.saturating_duration_since(s))),
+        teardown: ms(ended_at.elapsed()),
+        total: ms(start.elapsed()),
+    };
+    let state = control_state.unwrap_or_default();
+    Ok(RunResult {
+        exit_code,
+        status,
+        end,
+        error,
+        timings_ms: timings,
+        stdout_bytes: state.stdout_bytes,
+        stderr_bytes: state.stderr_bytes,
+        block_bytes_read: block.bytes_read,
+        vsock_bytes_to_host: to_host,
+        vsock_bytes_to_guest: to_guest,
+        exits: summarize_exits(&exit_counts),
+    })
+}
+
+/// Turns what happened into vmm's exit status, the end reason and, for vmm's own failures, one line.
+fn conclude(
+    config: &VmConfig,
+    decision: &Decision,
+    control: Option<&control::ControlState>,
+) -> (i32, Option<CommandStatus>, EndReason, Option<String>) {
+    let outcome = control.and_then(|c| c.outcome.clone());
+    match (decision, outcome) {
+        (Decision::Timeout, _) => {
+            let secs = config.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);
+            (
+                EXIT_TIMEOUT,
+                None,
+                EndReason::Timeout,
+                Some(format!(
+                    "the command timed out after {secs} s; the VM was torn down"
+                )),
+            )
+        }
+        (_, Some(Outcome::Exited(status))) => {
+            let s = match status {
+                ExitStatus::Code(c) => CommandStatus::Code(c),
+                ExitStatus::Signal(n) => CommandStatus::Signal(n),
+            };
+            (
+                exit_code_of(status),
+                Some(s),
+                EndReason::CommandExited,
+                None,
+            )
+        }
+        (_, Some(Outcome::Failed(kind, message))) => (
+            exit_code_of_error(kind),
+            None,
+            EndReason::CommandNotRun,
+            Some(message),
+        ),
+        (Decision::Signal(sig), _) => (
+            128 + sig,
+            None,
+            EndReason::Signal(*sig),
+            Some(format!("stopped by signal {sig}; the VM was torn down")),
+        ),
+        (_, Some(Outcome::Protocol(message))) => (
+            EXIT_VMM_FAILED,
+            None,
+            EndReason::GuestFailed(message.clone()),
+            Some(format!("the guest broke the control protocol: {message}")),
+        ),
+        (Decision::Guest(GuestEnd::Error(e)), None) => (
+            EXIT_VMM_FAILED,
+            None,
+            EndReason::GuestFailed(e.clone()),
+            Some(format!("the VM failed: {e}")),
+        ),
+        (Decision::Guest(_), None) if config.command.is_none() => {
+            (0, None, EndReason::GuestEnded, None)
+        }
+        (_, None) => {
+            let connected = control.is_some_and(|c| c.connected_at.is_some());
+            let why = if connected {
+                "the guest ended before reporting the command's exit status"
+            } else {
+                "the guest never came up: it ended before guest-init connected (run with --console to see its kernel log)"
+            };
+            (
+                EXIT_VMM_FAILED,
+                None,
+                EndReason::GuestFailed(why.into()),
+                Some(why.into()),
+            )
+        }
+    }
+}
