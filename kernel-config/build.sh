@@ -5,9 +5,9 @@
 #   kernel-config/build.sh testhost   # the emulated KVM test host's kernel (KVM + kvm_amd built in)
 #
 # The result is cached under $VMM_CACHE_DIR (default ${XDG_CACHE_HOME:-~/.cache}/vmm) keyed by the hash of
-# everything that decides it: the fragment, the patches, the build recipe version, the kernel source
-# package and the compiler. A second run with the same inputs prints the cached path at once. Progress goes to stderr;
-# stdout carries only the path.
+# everything that decides it: the fragment, the patches (patches/FLAVOUR/*.patch), the build recipe
+# version, the kernel source package and the compiler. A second run with the same inputs prints the cached
+# path at once. Progress goes to stderr; stdout carries only the path.
 set -euo pipefail
 
 flavour=${1:-}
@@ -45,7 +45,7 @@ src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || stat
 # Bump when a change to this script changes the kernel it builds (not for cosmetic changes: a bump costs
 # every machine a rebuild).
 build_recipe=1
-key=$( { cat "$fragment"; echo "recipe $build_recipe"; cat "$here"/patches/*.patch 2>/dev/null || true
+key=$( { cat "$fragment"; echo "recipe $build_recipe"; cat "$here"/patches/"$flavour"/*.patch 2>/dev/null || true
          echo "$src_version"; gcc --version | head -1; } | sha256sum | cut -c1-16)
 out=$cache/kernels/$flavour-$key
 if [ -f "$out/vmlinux" ]; then
@@ -62,7 +62,7 @@ say "building the $flavour kernel (linux-source $src_version, key $key): 7-12 mi
 say "unpacking $src_tar"
 tar -C "$work" -xf "$src_tar"
 tree=$(echo "$work"/linux-source-*)
-for p in "$here"/patches/*.patch; do
+for p in "$here"/patches/"$flavour"/*.patch; do
   [ -e "$p" ] || continue
   say "applying $(basename "$p")"
   patch -d "$tree" -p1 -s < "$p"

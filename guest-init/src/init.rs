@@ -46,7 +46,7 @@ pub fn main() -> libc::c_int {
         let _ = sys::write(2, msg);
         return 2;
     }
-    let mut timeline = Timeline::new();
+    let mut timeline = Timeline::with_timestamp_port();
     timeline.mark(Milestone::InitStarted);
 
     // Failures here are logged once logging works: without SIGCHLD blocked the relay falls back to

@@ -202,6 +202,20 @@ pub fn wait_blocking(pid: libc::pid_t) -> io::Result<libc::c_int> {
     }
 }
 
+/// Asks for access to one I/O port (PID 1 runs as root with CAP_SYS_RAWIO).
+pub fn enable_port(port: u16) -> bool {
+    // SAFETY: ioperm changes this process's I/O permission bitmap and touches no memory of ours.
+    unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) == 0 }
+}
+
+/// Writes one byte to an I/O port that `enable_port` opened.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: the caller opened `port` with ioperm; an OUT has no effect on this process's memory.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use vmm_protocol::{Message, Milestone};
+use vmm_protocol::{Message, Milestone, TIMESTAMP_PORT};
 
 use crate::channel::Channel;
 use crate::sys;
@@ -12,11 +12,22 @@ use crate::sys;
 pub struct Timeline {
     marks: Vec<(Milestone, u64)>,
     sent: usize,
+    /// Also stamp each milestone on the VMM's timestamp port (only as PID 1 in a vmm guest).
+    port: bool,
 }
 
 impl Timeline {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A timeline that also writes each milestone to the VMM's timestamp port, so the host stamps it
+    /// with its own clock at the moment it is reached.
+    pub fn with_timestamp_port() -> Self {
+        Timeline {
+            port: sys::enable_port(TIMESTAMP_PORT),
+            ..Self::default()
+        }
     }
 
     /// Records `m` as reached now.
@@ -26,6 +37,9 @@ impl Timeline {
 
     /// Records `m` as reached at `boottime_ns`.
     pub fn mark_at(&mut self, m: Milestone, boottime_ns: u64) {
+        if self.port {
+            sys::outb(TIMESTAMP_PORT, m as u8);
+        }
         self.marks.push((m, boottime_ns));
     }
 

@@ -15,6 +15,10 @@ pub const VERSION: u32 = 1;
 /// The vsock port on the host (CID 2) that guest-init connects to.
 pub const CONTROL_PORT: u32 = 1024;
 
+/// The I/O port of vmm's timestamp device: guest-init writes a [`Milestone`] number there as it reaches
+/// it, and the VMM stamps it with the host clock (one exit each), so guest phases line up with host ones.
+pub const TIMESTAMP_PORT: u16 = 0x440;
+
 /// The largest payload of one frame. Output is sent in chunks of at most [`MAX_CHUNK`].
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
@@ -46,7 +50,7 @@ impl Milestone {
         }
     }
 
-    fn from_u8(v: u8) -> Option<Self> {
+    pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             1 => Milestone::InitStarted,
             2 => Milestone::RootMounted,

@@ -34,6 +34,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NO
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
 use crate::timeline::Timeline;
+use crate::trace::PrintkLog;
 use crate::vcpu::VmEnd;
 
 /// The guest's vsock context ID (0-2 are reserved, 2 is the host).
@@ -90,6 +91,10 @@ pub struct Vm {
     pub end: Arc<VmEnd>,
     /// Connections from guest-init to the control port, as the vsock device accepts them.
     pub control: Receiver<UnixStream>,
+    /// Host-clock stamps of the guest's milestones (timestamp device).
+    pub guest_stamps: legacy::Stamps,
+    /// The kernel's log lines, with `--console`.
+    pub printk: Arc<Mutex<PrintkLog>>,
     pub cmdline: String,
 }
 
@@ -145,9 +150,19 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
 
     let mut io = IoManager::new();
     let end = Arc::new(VmEnd::new().map_err(BuildError::EventFd)?);
+    let guest_stamps = legacy::Stamps::default();
+    let printk = Arc::new(Mutex::new(PrintkLog::default()));
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(cmdline_error)?;
     cmdline.insert_str(BASE_CMDLINE).map_err(cmdline_error)?;
-    add_legacy_devices(config, &vm_fd, &mut io, &end, &mut cmdline)?;
+    add_legacy_devices(
+        config,
+        &vm_fd,
+        &mut io,
+        &end,
+        &guest_stamps,
+        &printk,
+        &mut cmdline,
+    )?;
     let virtio: [Arc<Mutex<dyn VirtioDevice>>; 2] = [block.clone(), vsock.clone()];
     for (index, device) in virtio.into_iter().enumerate() {
         add_virtio_device(index as u32, device, &vm_fd, &mem, &mut io, &mut cmdline)?;
@@ -194,6 +209,8 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         vsock,
         end,
         control,
+        guest_stamps,
+        printk,
         cmdline: cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
@@ -290,9 +307,16 @@ fn add_legacy_devices(
     vm_fd: &VmFd,
     io: &mut IoManager,
     end: &Arc<VmEnd>,
+    stamps: &legacy::Stamps,
+    printk: &Arc<Mutex<PrintkLog>>,
     cmdline: &mut Cmdline,
 ) -> Result<(), BuildError> {
     let bus_error = |e: vm_device::bus::Error| BuildError::Device(e.to_string());
+    io.register_pio(
+        PioRange::new(PioAddress(vmm_protocol::TIMESTAMP_PORT), 1).map_err(bus_error)?,
+        Arc::new(Mutex::new(legacy::TimestampDevice::new(stamps.clone()))),
+    )
+    .map_err(bus_error)?;
     let reset = end.event().try_clone().map_err(BuildError::EventFd)?;
     io.register_pio(
         PioRange::new(PioAddress(legacy::I8042_PORT_BASE), legacy::I8042_PORT_LEN)
@@ -311,7 +335,12 @@ fn add_legacy_devices(
                 legacy::SERIAL_PORT_LEN,
             )
             .map_err(bus_error)?,
-            Arc::new(Mutex::new(SerialDevice::new(irq, std::io::stderr()))),
+            Arc::new(Mutex::new(SerialDevice::new(
+                irq,
+                legacy::ConsoleOut {
+                    printk: printk.clone(),
+                },
+            ))),
         )
         .map_err(bus_error)?;
         cmdline.insert_str("console=ttyS0").map_err(cmdline_error)?;

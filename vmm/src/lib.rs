@@ -12,4 +12,5 @@ pub mod initramfs;
 pub mod result;
 pub mod runner;
 pub mod timeline;
+pub mod trace;
 pub mod vcpu;

@@ -57,6 +57,9 @@ struct Cli {
     /// Write a JSON result (status, why the VM ended, timings, byte counts, exits) to FILE
     #[arg(long, value_name = "FILE")]
     result: Option<PathBuf>,
+    /// Write a timeline of the run (host phases, guest milestones, exits) as Chrome trace-event JSON
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// Go ahead on a host whose /dev/kvm cannot run a standard kernel at a useful speed (PVM)
     #[arg(long)]
     allow_slow_host: bool,
@@ -95,7 +98,7 @@ fn main() -> ExitCode {
         user: cli.user,
         timeout: cli.timeout,
         result: cli.result,
-        trace: None,
+        trace: cli.trace,
         allow_slow_host: cli.allow_slow_host,
     };
     let config = match VmConfig::try_from(raw) {

@@ -48,6 +48,10 @@ pub struct RunResult {
     pub vsock_bytes_to_guest: u64,
     /// Exits to user space by kind, summed over vCPUs.
     pub exits: Vec<ExitCount>,
+    /// vmm's peak resident memory, guest pages it touched included.
+    pub peak_rss_kib: u64,
+    /// Guest memory that is resident at the end: what the guest touched.
+    pub guest_resident_kib: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

@@ -33,6 +33,8 @@ pub enum RunError {
     EventLoop(String),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot write the trace to {0}: {1}")]
+    Trace(String, std::io::Error),
     #[error("cannot set up a timer: {0}")]
     Timer(vmm_sys_util::errno::Error),
     #[error("cannot start a thread: {0}")]
@@ -282,7 +284,7 @@ pub fn run(
         em.run().map_err(|e| RunError::EventLoop(e.to_string()))?;
     };
     let ended_at = Instant::now();
-    timeline.mark("vm ended");
+    timeline.mark("guest ran");
 
     // Teardown: one path for every ending.
     stop.store(true, Ordering::Release);
@@ -336,7 +338,7 @@ pub fn run(
         total: ms(start.elapsed()),
     };
     let state = control_state.unwrap_or_default();
-    Ok(RunResult {
+    let result = RunResult {
         exit_code,
         status,
         end,
@@ -348,7 +350,71 @@ pub fn run(
         vsock_bytes_to_host: to_host,
         vsock_bytes_to_guest: to_guest,
         exits: summarize_exits(&exit_counts),
-    })
+        peak_rss_kib: peak_rss_kib(),
+        guest_resident_kib: resident_kib(&vm.mem),
+    };
+    if let Some(path) = &config.trace_file {
+        let stamps = vm
+            .guest_stamps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let printk = vm.printk.lock().unwrap_or_else(|p| p.into_inner());
+        let guest_stamps = stamps
+            .into_iter()
+            .map(|(id, t)| {
+                let name = vmm_protocol::Milestone::from_u8(id)
+                    .map(|m| m.name().to_string())
+                    .unwrap_or_else(|| format!("guest mark {id}"));
+                (name, t)
+            })
+            .collect();
+        let trace = crate::trace::build(&crate::trace::TraceInput {
+            start,
+            host_marks: timeline.marks(),
+            first_run,
+            vm_ended: ended_at,
+            guest_stamps,
+            printk: printk.lines(),
+            result: &result,
+        });
+        std::fs::write(path, trace.to_string())
+            .map_err(|e| RunError::Trace(path.display().to_string(), e))?;
+    }
+    Ok(result)
+}
+
+/// vmm's peak resident set, from getrusage.
+fn peak_rss_kib() -> u64 {
+    // SAFETY: rusage is plain data that getrusage fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    usage.ru_maxrss.max(0) as u64
+}
+
+/// How much guest memory is resident: the pages the guest (or we, loading it) touched.
+fn resident_kib(mem: &crate::devices::virtio::GuestMemory) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let mut resident_pages = 0u64;
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: [host, host + len) is the region's own page-aligned mapping, alive for the call, and
+        // `vec` has one byte per page of it.
+        let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            resident_pages += vec.iter().filter(|b| **b & 1 != 0).count() as u64;
+        }
+    }
+    resident_pages * page as u64 / 1024
 }
 
 /// Turns what happened into vmm's exit status, the end reason and, for vmm's own failures, one line.

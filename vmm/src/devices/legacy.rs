@@ -71,6 +71,28 @@ impl<W: Write + Send> MutDevicePio for SerialDevice<W> {
     }
 }
 
+/// The console's output: the guest's serial bytes go to our stderr as they come, and printk lines are
+/// kept with their timestamps for `--trace`.
+pub struct ConsoleOut {
+    pub printk: std::sync::Arc<std::sync::Mutex<crate::trace::PrintkLog>>,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.printk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .feed(buf);
+        // A closed stderr must not stop the guest: the bytes are dropped.
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// The i8042 controller; a CPU reset command writes `reset_evt`.
 pub struct I8042 {
     device: I8042Device<EventFdTrigger>,
@@ -99,6 +121,41 @@ impl MutDevicePio for I8042 {
     }
 }
 
+/// Host-clock stamps of guest milestones, in the order the guest reached them.
+pub type Stamps = std::sync::Arc<std::sync::Mutex<Vec<(u8, std::time::Instant)>>>;
+
+/// The timestamp device: guest-init writes a milestone number to [`vmm_protocol::TIMESTAMP_PORT`] as it
+/// reaches it, and we stamp it with the host clock at that exit (as Firecracker's boot timer does), so the
+/// guest's phases line up with the host's on one timeline.
+pub struct TimestampDevice {
+    stamps: Stamps,
+}
+
+/// Bounds what a guest that writes the port in a loop can make us keep.
+const MAX_STAMPS: usize = 64;
+
+impl TimestampDevice {
+    pub fn new(stamps: Stamps) -> Self {
+        TimestampDevice { stamps }
+    }
+}
+
+impl MutDevicePio for TimestampDevice {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
+        let now = std::time::Instant::now();
+        if let [value] = data {
+            let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if stamps.len() < MAX_STAMPS {
+                stamps.push((*value, now));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +171,20 @@ mod tests {
         // wider accesses are ignored, not a panic
         dev.pio_write(PioAddress(I8042_PORT_BASE), 4, &[0xfe, 0xfe]);
         assert!(evt.read().is_err());
+    }
+
+    #[test]
+    fn timestamps_are_recorded_and_bounded() {
+        let stamps = Stamps::default();
+        let mut dev = TimestampDevice::new(stamps.clone());
+        dev.pio_write(PioAddress(0x440), 0, &[3]);
+        dev.pio_write(PioAddress(0x440), 0, &[1, 2]); // wrong width: ignored
+        assert_eq!(stamps.lock().unwrap().len(), 1);
+        assert_eq!(stamps.lock().unwrap()[0].0, 3);
+        for _ in 0..1000 {
+            dev.pio_write(PioAddress(0x440), 0, &[4]);
+        }
+        assert_eq!(stamps.lock().unwrap().len(), MAX_STAMPS);
     }
 
     #[test]

@@ -262,6 +262,16 @@ impl Connection {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self) -> String {
+        format!(
+            "state {:?} owed {:?} to_host {} rx_cnt {} fwd {} announced {} peer_sd {} tx_cnt {} peer_buf {} peer_fwd {} readable {} eof {} credit_req {} interest {:?}",
+            self.state, self.owed, self.to_host.len(), self.rx_cnt, self.fwd_cnt, self.announced_fwd_cnt,
+            self.peer_shutdown, self.tx_cnt, self.peer_buf_alloc, self.peer_fwd_cnt, self.host_readable,
+            self.host_eof, self.credit_request_sent, self.interest()
+        )
+    }
+
     fn is_open(&self) -> bool {
         matches!(self.state, State::AwaitingResponse | State::Established)
     }

@@ -96,6 +96,11 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self) -> String {
+        self.muxer.debug_state()
+    }
+
     /// Handles one event: `data` is the event's token (a queue index, or a host socket's token).
     pub(super) fn handle_event<R: FdRegistry + ?Sized>(
         &mut self,

@@ -149,6 +149,25 @@ impl Muxer {
         self.connections.len()
     }
 
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self) -> String {
+        let mut out = format!(
+            "rx_queue {:?} control {} ",
+            self.rx_queue,
+            self.control.len()
+        );
+        for (k, slot) in &self.connections {
+            out += &format!(
+                "[{k:?} token {} registered {:?} in_rx {} {}] ",
+                slot.token,
+                slot.registered,
+                slot.in_rx_queue,
+                slot.connection.debug_state()
+            );
+        }
+        out
+    }
+
     /// Handles a well-formed packet from the tx queue (`payload` holds its `len` bytes).
     pub fn handle_guest_packet(&mut self, header: &Header, payload: &[u8]) {
         if packet::validate_guest_header(header, self.guest_cid).is_err() {

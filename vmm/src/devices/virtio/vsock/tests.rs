@@ -847,23 +847,32 @@ fn fnv(hash: u64, bytes: &[u8]) -> u64 {
 }
 
 /// The guest side of a bulk transfer both ways on one connection, driving `step` (which runs the
-/// device) until done. Returns (bytes guest->host, bytes host->guest) as the guest saw them.
+/// device) until done, that is until the guest has sent everything and seen EOF and the host has read
+/// everything (`host_done`). Returns (bytes guest->host, bytes host->guest) as the guest saw them.
 fn bulk_transfer(
     drv: &mut Driver<'_>,
     g: &mut GuestConn,
     to_host: u64,
     from_host: u64,
-    mut step: impl FnMut(&mut Driver<'_>),
+    host_done: &std::thread::JoinHandle<(u64, u64)>,
+    mut step: impl FnMut(&mut Driver<'_>) -> String,
 ) -> (u64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut state = String::new();
     let mut sent = 0u64;
     let mut received = 0u64;
     let mut shut = false;
     let mut eof = false;
-    while !(shut && eof) {
+    while !(shut && eof && host_done.is_finished()) {
         assert!(
             Instant::now() < deadline,
-            "transfer stalled: sent {sent} received {received}"
+            "transfer stalled: sent {sent} received {received} shut {shut} eof {eof} credit {} g.fwd {} \
+             g.fwd_sent {} rx_in_flight {} tx_in_flight {} device: {state}",
+            g.credit(),
+            g.fwd_cnt,
+            g.fwd_cnt_sent,
+            drv.rx_in_flight(),
+            drv.tx_chains.len()
         );
         // Keep the rx ring stocked (Linux keeps it full).
         while drv.rx_in_flight() < 128 {
@@ -892,7 +901,7 @@ fn bulk_transfer(
                 shut = true;
             }
         }
-        step(drv);
+        state = step(drv);
         drv.reclaim_tx();
         for p in drv.receive() {
             let (hdr, payload) = p.expect("no empty rx buffers");
@@ -985,7 +994,7 @@ fn stress_few_mib_both_ways_with_checksums() {
     let (mut g, host) = h.connect(40_000, 256 * 1024);
     let (w, r) = host_side(host, FROM_HOST);
     let Harness { drv, dev, reg, .. } = &mut h;
-    bulk_transfer(drv, &mut g, TO_HOST, FROM_HOST, |_drv| {
+    bulk_transfer(drv, &mut g, TO_HOST, FROM_HOST, &r, |_drv| {
         dev.handle_event(TX_QUEUE as u32, EventSet::IN, reg);
         dev.handle_event(RX_QUEUE as u32, EventSet::IN, reg);
         let watched: Vec<(u32, EventSet)> =
@@ -993,6 +1002,7 @@ fn stress_few_mib_both_ways_with_checksums() {
         for (token, set) in watched {
             dev.handle_event(token, set, reg);
         }
+        dev.debug_state()
     });
     w.join().unwrap();
     let (hash, total) = r.join().unwrap();
@@ -1074,10 +1084,11 @@ fn event_manager_drives_the_device_end_to_end() {
     g.saw(&pkts[0].0);
     let host = rxs[0].try_recv().unwrap();
     let (w, r) = host_side(host, FROM_HOST);
-    bulk_transfer(&mut drv, &mut g, TO_HOST, FROM_HOST, |_drv| {
+    bulk_transfer(&mut drv, &mut g, TO_HOST, FROM_HOST, &r, |_drv| {
         kick(&dev, TX_QUEUE);
         kick(&dev, RX_QUEUE);
         run(&mut em);
+        dev.lock().unwrap().debug_state()
     });
     w.join().unwrap();
     let (hash, total) = r.join().unwrap();

@@ -1,0 +1,104 @@
+//! `vmm`'s own failures before any VM exists: each gives exit status 125 and one line saying what went
+//! wrong and what to do. These need no KVM and run directly on any host.
+
+mod support;
+
+use std::process::Command;
+use support::*;
+
+fn vmm_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("start vmm")
+}
+
+fn temp(name: &str, content: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+#[track_caller]
+fn assert_one_line_failure(o: &std::process::Output, mentions: &str) {
+    assert_code(o, 125);
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line expected, got: {err}");
+    assert!(err.starts_with("vmm: "), "{err}");
+    assert!(err.contains(mentions), "expected {mentions:?} in: {err}");
+}
+
+#[test]
+fn missing_kernel_is_one_line_and_125() {
+    let disk = temp("disk.img", &[0; 4096]);
+    let o = vmm_cmd(&[
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--rootfs",
+        disk.to_str().unwrap(),
+        "--cmd",
+        "true",
+    ]);
+    assert_one_line_failure(&o, "/nonexistent/vmlinux");
+}
+
+#[test]
+fn file_that_is_not_a_kernel_is_one_line_and_125() {
+    let disk = temp("disk.img", &[0; 4096]);
+    let not_kernel = temp(
+        "notes.txt",
+        b"these are not the kernel you are looking for\n",
+    );
+    let o = vmm_cmd(&[
+        "--kernel",
+        not_kernel.to_str().unwrap(),
+        "--rootfs",
+        disk.to_str().unwrap(),
+    ]);
+    assert_one_line_failure(&o, "neither an ELF vmlinux nor a bzImage");
+}
+
+#[test]
+fn missing_rootfs_is_one_line_and_125() {
+    let kernel = temp("vmlinux", b"\x7fELF\x02\x01\x01");
+    let o = vmm_cmd(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--rootfs",
+        "/nonexistent/root.ext4",
+    ]);
+    assert_one_line_failure(&o, "/nonexistent/root.ext4");
+}
+
+#[test]
+fn bad_flags_are_one_line_and_125() {
+    let kernel = temp("vmlinux", b"\x7fELF\x02\x01\x01");
+    let disk = temp("disk.img", &[0; 4096]);
+    let (k, d) = (kernel.to_str().unwrap(), disk.to_str().unwrap());
+    let o = vmm_cmd(&["--kernel", k, "--rootfs", d, "--mem", "1", "--cmd", "true"]);
+    assert_one_line_failure(&o, "--mem 1");
+    let o = vmm_cmd(&[
+        "--kernel",
+        k,
+        "--rootfs",
+        d,
+        "--timeout",
+        "soon",
+        "--cmd",
+        "true",
+    ]);
+    assert_one_line_failure(&o, "--timeout");
+    let o = vmm_cmd(&["--kernel", k, "--rootfs", d, "--cmd", "true", "--", "ls"]);
+    assert_one_line_failure(&o, "not both");
+    let o = vmm_cmd(&["--no-such-flag"]);
+    assert_code(&o, 125);
+}
+
+#[test]
+fn help_exits_zero() {
+    let o = vmm_cmd(&["--help"]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("--rootfs"));
+}
