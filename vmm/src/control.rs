@@ -165,6 +165,7 @@ fn converse(
 
 /// Forwards our stdin to the command, then its end of file.
 fn start_stdin_pump(mut stdin: Box<dyn Read + Send>, writer: ControlWriter) {
+    let closer = writer.clone();
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
@@ -183,6 +184,8 @@ fn start_stdin_pump(mut stdin: Box<dyn Read + Send>, writer: ControlWriter) {
             }
             let _ = writer.send(&Message::StdinClosed);
         });
-    // Without the pump the command sees no stdin, as with a closed one; the run goes on.
-    drop(spawned);
+    if spawned.is_err() {
+        // Without the pump the command gets no stdin: tell it so, rather than leave it waiting.
+        let _ = closer.send(&Message::StdinClosed);
+    }
 }

@@ -8,6 +8,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod image;
 pub mod initramfs;
 pub mod result;
 pub mod runner;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_protocol::{ExitStatus, RunRequest};
+use vmm_protocol::{ExitStatus, Milestone, RunRequest};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::{self, BuildError, Vm};
@@ -22,6 +22,8 @@ use crate::vcpu::{self, ExitCounts, GuestEnd, VcpuHandle};
 const SIGNAL_GRACE: Duration = Duration::from_secs(5);
 /// After the guest has ended, how long to wait for its last frames to reach us.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long guest-init gets to connect before the guest is declared dead (a kernel that hangs at boot).
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the vCPU threads get to leave KVM_RUN at teardown; exiting the process stops them anyway.
 const VCPU_STOP_WAIT: Duration = Duration::from_millis(100);
 
@@ -83,6 +85,8 @@ enum Decision {
     Command,
     Guest(GuestEnd),
     Timeout,
+    /// guest-init never connected.
+    BootTimeout,
     Signal(i32),
 }
 
@@ -90,6 +94,9 @@ enum Decision {
 struct Lifecycle {
     vm_end: Arc<vcpu::VmEnd>,
     control: Option<(RawFd, control::ControlWriter)>,
+    control_state: Option<Arc<Mutex<control::ControlState>>>,
+    /// Fires if guest-init has not connected in time.
+    boot_deadline: Option<TimerFd>,
     signals: OwnedFd,
     timeout: Option<TimerFd>,
     grace: TimerFd,
@@ -104,6 +111,7 @@ const TOKEN_CONTROL: u32 = 2;
 const TOKEN_SIGNAL: u32 = 3;
 const TOKEN_TIMEOUT: u32 = 4;
 const TOKEN_GRACE: u32 = 5;
+const TOKEN_BOOT_DEADLINE: u32 = 6;
 
 impl Lifecycle {
     fn arm_grace(&mut self, after: Duration) {
@@ -155,6 +163,20 @@ impl MutEventSubscriber for Lifecycle {
                 }
             }
             TOKEN_TIMEOUT => self.decision = Some(Decision::Timeout),
+            TOKEN_BOOT_DEADLINE => {
+                let connected = self.control_state.as_ref().is_some_and(|s| {
+                    s.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .connected_at
+                        .is_some()
+                });
+                if let Some(t) = &mut self.boot_deadline {
+                    let _ = t.wait();
+                }
+                if !connected {
+                    self.decision = Some(Decision::BootTimeout);
+                }
+            }
             TOKEN_GRACE => {
                 let _ = self.grace.wait();
                 self.decide_on_grace();
@@ -174,6 +196,9 @@ impl MutEventSubscriber for Lifecycle {
         }
         if let Some(t) = &self.timeout {
             fds.push((t.as_raw_fd(), TOKEN_TIMEOUT));
+        }
+        if let Some(t) = &self.boot_deadline {
+            fds.push((t.as_raw_fd(), TOKEN_BOOT_DEADLINE));
         }
         for (fd, token) in fds {
             // Without these the run could not end; build() already proved epoll works.
@@ -252,6 +277,15 @@ pub fn run(
         control: control
             .as_ref()
             .map(|c| (c.done.as_raw_fd(), c.writer.clone())),
+        control_state: control.as_ref().map(|c| c.state.clone()),
+        boot_deadline: match control {
+            Some(_) => {
+                let mut t = TimerFd::new().map_err(RunError::Timer)?;
+                t.reset(BOOT_DEADLINE, None).map_err(RunError::Timer)?;
+                Some(t)
+            }
+            None => None,
+        },
         signals,
         timeout,
         grace: TimerFd::new().map_err(RunError::Timer)?,
@@ -307,16 +341,16 @@ pub fn run(
     if let Some(t) = first_run {
         timeline.mark_at("first KVM_RUN", t);
     }
-    let milestone_at = |m: vmm_protocol::Milestone| {
-        control_state.as_ref().and_then(|s| {
-            s.milestones
-                .iter()
-                .find(|(k, ..)| *k == m)
-                .map(|(_, _, at)| *at)
-        })
-    };
-    let started = milestone_at(vmm_protocol::Milestone::CommandStarted);
-    let exited = milestone_at(vmm_protocol::Milestone::CommandExited);
+    let state = control_state.unwrap_or_default();
+    let stamps = vm
+        .guest_stamps
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let milestones = guest_milestone_times(&stamps, &state.milestones, first_run);
+    let milestone_at = |m: Milestone| milestones.iter().find(|(k, _)| *k == m).map(|(_, t)| *t);
+    let started = milestone_at(Milestone::CommandStarted);
+    let exited = milestone_at(Milestone::CommandExited);
     let start = timeline.start();
     let block = vm.block.lock().unwrap_or_else(|p| p.into_inner()).stats();
     let (to_host, to_guest) = vm
@@ -337,7 +371,6 @@ pub fn run(
         teardown: ms(ended_at.elapsed()),
         total: ms(start.elapsed()),
     };
-    let state = control_state.unwrap_or_default();
     let result = RunResult {
         exit_code,
         status,
@@ -354,20 +387,10 @@ pub fn run(
         guest_resident_kib: resident_kib(&vm.mem),
     };
     if let Some(path) = &config.trace_file {
-        let stamps = vm
-            .guest_stamps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let printk = vm.printk.lock().unwrap_or_else(|p| p.into_inner());
-        let guest_stamps = stamps
-            .into_iter()
-            .map(|(id, t)| {
-                let name = vmm_protocol::Milestone::from_u8(id)
-                    .map(|m| m.name().to_string())
-                    .unwrap_or_else(|| format!("guest mark {id}"));
-                (name, t)
-            })
+        let guest_stamps = milestones
+            .iter()
+            .map(|(m, t)| (m.name().to_string(), *t))
             .collect();
         let trace = crate::trace::build(&crate::trace::TraceInput {
             start,
@@ -382,6 +405,29 @@ pub fn run(
             .map_err(|e| RunError::Trace(path.display().to_string(), e))?;
     }
     Ok(result)
+}
+
+/// When the guest reached each milestone, on the host clock: the timestamp device's stamps where the
+/// guest could write its port; else the guest's own CLOCK_BOOTTIME from the protocol, which starts at
+/// about the first KVM_RUN; else when the frame arrived.
+fn guest_milestone_times(
+    stamps: &[(u8, Instant)],
+    reported: &[(Milestone, u64, Instant)],
+    first_run: Option<Instant>,
+) -> Vec<(Milestone, Instant)> {
+    if !stamps.is_empty() {
+        return stamps
+            .iter()
+            .filter_map(|(id, t)| Some((Milestone::from_u8(*id)?, *t)))
+            .collect();
+    }
+    reported
+        .iter()
+        .map(|(m, ns, arrived)| match first_run {
+            Some(first_run) => (*m, first_run + Duration::from_nanos(*ns)),
+            None => (*m, *arrived),
+        })
+        .collect()
 }
 
 /// vmm's peak resident set, from getrusage.
@@ -454,6 +500,18 @@ fn conclude(
             EndReason::CommandNotRun,
             Some(message),
         ),
+        (Decision::BootTimeout, _) => {
+            let why = format!(
+                "the guest never came up: guest-init did not connect within {} s (run with --console to see its kernel log)",
+                BOOT_DEADLINE.as_secs()
+            );
+            (
+                EXIT_VMM_FAILED,
+                None,
+                EndReason::GuestFailed(why.clone()),
+                Some(why),
+            )
+        }
         (Decision::Signal(sig), _) => (
             128 + sig,
             None,
@@ -489,5 +547,55 @@ fn conclude(
                 Some(why.into()),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milestones_prefer_host_stamps_then_guest_clock_then_arrival() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let reported = [
+            (Milestone::InitStarted, 5_000_000, at(50)),
+            (Milestone::CommandStarted, 9_000_000, at(60)),
+        ];
+        let stamped = guest_milestone_times(&[(1, at(7)), (99, at(8))], &reported, Some(t0));
+        assert_eq!(
+            stamped,
+            [(Milestone::InitStarted, at(7))],
+            "unknown ids are dropped"
+        );
+        let by_clock = guest_milestone_times(&[], &reported, Some(at(1)));
+        assert_eq!(
+            by_clock,
+            [
+                (Milestone::InitStarted, at(6)),
+                (Milestone::CommandStarted, at(10))
+            ]
+        );
+        let by_arrival = guest_milestone_times(&[], &reported, None);
+        assert_eq!(by_arrival[1], (Milestone::CommandStarted, at(60)));
+    }
+
+    #[test]
+    fn run_request_defaults_path_and_home_and_lets_flags_override() {
+        let spec = crate::config::CommandSpec {
+            argv: vec!["ls".into()],
+            env: vec![("PATH".into(), "/opt/bin".into()), ("A".into(), "1".into())],
+            workdir: "/w".into(),
+            uid: 1000,
+            gid: 1000,
+        };
+        let req = run_request(&spec);
+        let env: Vec<String> = req
+            .env
+            .iter()
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .collect();
+        assert_eq!(env, ["PATH=/opt/bin", "HOME=/", "A=1"]);
+        assert_eq!(req.workdir, b"/w");
     }
 }

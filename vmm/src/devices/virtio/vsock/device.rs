@@ -26,6 +26,11 @@ use crate::devices::virtio::{
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
+/// Chains handled per queue in one pass. A guest that keeps adding buffers as fast as the device takes
+/// them (on another vCPU) would otherwise hold the event loop here, away from the timeout and signals;
+/// past this the device re-kicks its own queue eventfd and lets the loop go round.
+const CHAINS_PER_PASS: usize = QUEUE_SIZE as usize;
+
 /// What the device works with once the driver has set DRIVER_OK.
 struct Active {
     mem: GuestMemory,
@@ -142,7 +147,17 @@ impl Vsock {
         };
         let mem = &active.mem;
         let mut used_any = false;
+        let mut budget = CHAINS_PER_PASS;
         while let Some(chain) = active.tx.pop_descriptor_chain(mem) {
+            if budget == 0 {
+                // Come back after the other event sources have had their turn.
+                active.tx.go_to_previous_position();
+                if let Some(evt) = self.queue_events.get(TX_QUEUE) {
+                    let _ = evt.write(1);
+                }
+                break;
+            }
+            budget -= 1;
             let head = chain.head_index();
             let parsed = read_tx_packet(mem, chain, &mut self.tx_payload);
             // The payload has been copied out: the buffer goes back to the guest first.
@@ -171,7 +186,16 @@ impl Vsock {
         };
         let mem = &active.mem;
         let mut used_any = false;
+        let mut budget = CHAINS_PER_PASS;
         while self.muxer.has_rx() {
+            if budget == 0 {
+                // Come back after the other event sources have had their turn.
+                if let Some(evt) = self.queue_events.get(RX_QUEUE) {
+                    let _ = evt.write(1);
+                }
+                break;
+            }
+            budget -= 1;
             let Some(chain) = active.rx.pop_descriptor_chain(mem) else {
                 // Out of buffers: the guest's next rx kick resumes.
                 break;

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Turns the records a benchmark printed into its table. Standard library only.
+
+    report.py boot RECORDS [TITLE]   # tests/bench/run.sh: vmm vs QEMU microvm boots in one session
+    report.py null RECORDS [TITLE]   # tests/bench/null-guest.sh: vmm's own cost on a null guest
+
+RECORDS holds, among anything else, lines `bench-record {json}`, one per run:
+  m            what was measured (vmm-init, vmm-cmd, qemu-init, vmm-tput, vmm-null, qemu-null, wrapper)
+  i            round: 0 is a warm-up round (reported apart, not in the statistics)
+  rc           exit status
+  wall_us      exec to exit, microseconds, as the benchmark script saw it
+  maxrss_kib   the process's peak RSS from wait4 (GNU time's %M), or null
+  bytes        (throughput) bytes counted at the far end of the pipe
+  result       vmm's --result JSON, or null
+A run counts as failed when its exit status is not the expected one (0 for vmm, 253 for QEMU, which the
+guest's reset through isa-debug-exit gives) or its result is missing; failed runs are counted, not averaged.
+"""
+import json
+import math
+import statistics
+import sys
+
+EXPECTED_RC = {"qemu-init": 253, "qemu-null": 253}
+
+
+def load(path):
+    records = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("bench-record "):
+                continue
+            try:
+                records.append(json.loads(line[len("bench-record "):]))
+            except json.JSONDecodeError as e:
+                print(f"report: skipping a broken record ({e}): {line[:120]}", file=sys.stderr)
+    return records
+
+
+def ok(r):
+    if r["rc"] != EXPECTED_RC.get(r["m"], 0):
+        return False
+    return not r["m"].startswith("vmm") or r.get("result") is not None
+
+
+def pick(records, m):
+    """The runs of one measurement outside warm-up: (good, failed)."""
+    runs = [r for r in records if r["m"] == m and r["i"] > 0]
+    good = [r for r in runs if ok(r)]
+    return good, len(runs) - len(good)
+
+
+def p90(xs):
+    """Nearest-rank 90th percentile."""
+    s = sorted(xs)
+    return s[max(0, math.ceil(0.9 * len(s)) - 1)]
+
+
+def stats(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return (min(xs), statistics.median(xs), p90(xs), len(xs))
+
+
+def fmt(v, unit="ms"):
+    if v is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{v:.1f}" if v >= 100 else f"{v:.2f}"
+    return f"{v:.0f}"
+
+
+class Table:
+    def __init__(self, unit_header="ms"):
+        self.rows = []
+        self.unit_header = unit_header
+
+    def add(self, label, values, unit="ms", target=""):
+        s = stats(values)
+        if s is None:
+            self.rows.append((label, "0", "n/a", "n/a", "n/a", unit, target))
+        else:
+            mn, med, p, n = s
+            self.rows.append((label, str(n), fmt(mn, unit), fmt(med, unit), fmt(p, unit), unit, target))
+        return s
+
+    def print(self):
+        head = ("measurement", "n", "min", "median", "p90", "unit", "")
+        w = [max(len(r[k]) for r in self.rows + [head]) for k in range(6)]
+        def line(r):
+            return (f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}  {r[4]:>{w[4]}}"
+                    f"  {r[5]:<{w[5]}}  {r[6]}").rstrip()
+        print(line(head))
+        for r in self.rows:
+            print(line(r))
+
+
+def wall_ms(runs):
+    return [r["wall_us"] / 1000 for r in runs]
+
+
+def timing(runs, key):
+    return [(r["result"].get("timings_ms") or {}).get(key) for r in runs]
+
+
+def exit_total(result):
+    return sum(e["count"] for e in result.get("exits", []))
+
+
+def exits_summary(runs, top=6):
+    """Median total exits and the median count of the most frequent kinds."""
+    if not runs:
+        return "n/a"
+    kinds = {}
+    for r in runs:
+        for e in r["result"].get("exits", []):
+            kinds.setdefault(e["kind"], []).append(e["count"])
+    # a kind missing from a run counts 0 there
+    med = {k: statistics.median(v + [0] * (len(runs) - len(v))) for k, v in kinds.items()}
+    ordered = sorted(med.items(), key=lambda kv: (-kv[1], kv[0]))
+    total = statistics.median(exit_total(r["result"]) for r in runs)
+    parts = ", ".join(f"{k} {v:g}" for k, v in ordered[:top])
+    more = f", +{len(ordered) - top} more kinds" if len(ordered) > top else ""
+    return f"{total:g} in all (median per run): {parts}{more}"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def failures(records, names):
+    lines = []
+    for m in names:
+        runs = [r for r in records if r["m"] == m and r["i"] > 0]
+        bad = [r for r in runs if not ok(r)]
+        if bad:
+            rcs = ", ".join(str(r["rc"]) for r in bad)
+            lines.append(f"  {m}: {len(bad)} of {len(runs)} runs failed (exit status {rcs}); not in the figures")
+    return lines
+
+
+def warmup_line(records, names):
+    parts = []
+    for m in names:
+        w = [r for r in records if r["m"] == m and r["i"] == 0]
+        if w:
+            parts.append(f"{m} {w[0]['wall_us'] / 1000:.1f} ms (rc {w[0]['rc']})")
+    return "  warm-up round (not counted): " + "; ".join(parts) if parts else None
+
+
+def report_boot(records, title):
+    vi, _ = pick(records, "vmm-init")
+    vc, _ = pick(records, "vmm-cmd")
+    qi, _ = pick(records, "qemu-init")
+    print(title)
+    t = Table()
+    t.add("vmm boot to init + reset: wall, exec to exit", wall_ms(vi))
+    t.add("  setup: vmm start to first KVM_RUN", timing(vi, "setup"))
+    t.add("  boot: vmm start to guest reset", timing(vi, "boot"))
+    t.add("  total (in vmm)", timing(vi, "total"))
+    t.add("vmm --cmd true: wall, exec to exit", wall_ms(vc))
+    t.add("  setup: vmm start to first KVM_RUN", timing(vc, "setup"))
+    t.add("  boot: vmm start to command started", timing(vc, "boot"))
+    t.add("  command", timing(vc, "command"))
+    t.add("  teardown", timing(vc, "teardown"))
+    t.add("  total (in vmm)", timing(vc, "total"))
+    t.add("QEMU microvm boot to init + reset: wall", wall_ms(qi))
+    rss_v = [r["result"].get("peak_rss_kib") for r in vi + vc]
+    if any(rss_v):
+        t.add("vmm peak RSS (its result's peak_rss_kib)", rss_v, unit="KiB")
+    t.print()
+    print()
+    print("VM exits to user space")
+    print(f"  vmm boot to init: {exits_summary(vi)}")
+    print(f"  vmm --cmd true:   {exits_summary(vc)}")
+    print()
+    q = med(wall_ms(qi))
+    print("ratios (medians)")
+    print(f"  vmm boot to init / QEMU boot to init (wall):        {ratio(med(wall_ms(vi)), q)}")
+    print(f"  vmm --cmd true total / QEMU boot to init (wall):    {ratio(med(wall_ms(vc)), q)}")
+    print(f"  vmm --cmd true to command start / QEMU boot to init: {ratio(med(timing(vc, 'boot')), q)}"
+          "   (issue 5 target: <= 0.70)")
+    tput, tput_bad = pick(records, "vmm-tput")
+    if tput or tput_bad:
+        print()
+        print("stdout throughput: vmm --cmd 'head -c BYTES /dev/zero' | wc -c")
+        tt = Table()
+        mib = [r["bytes"] / 2**20 for r in tput]
+        tt.add("MiB/s over the command's time (result's timings_ms.command)",
+               [r["bytes"] / 2**20 / (r["result"]["timings_ms"]["command"] / 1000) for r in tput
+                if r["result"]["timings_ms"].get("command")], unit="MiB/s")
+        tt.add("MiB/s over the wall time (exec to exit, boot included)",
+               [r["bytes"] / 2**20 / (r["wall_us"] / 1e6) for r in tput], unit="MiB/s")
+        tt.add("command time", timing(tput, "command"))
+        tt.add("wall", wall_ms(tput))
+        tt.print()
+        sizes = sorted({f"{m:g}" for m in mib})
+        print(f"  bytes through: {', '.join(sizes)} MiB per run (as counted by wc -c)")
+        wrong = [r for r in tput if r["bytes"] != r["result"].get("stdout_bytes")]
+        if wrong:
+            print(f"  NOTE: {len(wrong)} runs: wc -c counted a different number of bytes than the result's stdout_bytes")
+    lines = failures(records, ["vmm-init", "vmm-cmd", "qemu-init", "vmm-tput"])
+    w = warmup_line(records, ["vmm-init", "vmm-cmd", "qemu-init"])
+    if lines or w:
+        print()
+        for line in ([w] if w else []) + lines:
+            print(line)
+
+
+def report_null(records, title):
+    vn, _ = pick(records, "vmm-null")
+    qn, _ = pick(records, "qemu-null")
+    wr, _ = pick(records, "wrapper")
+    print(title)
+    t = Table()
+    s_setup = t.add("vmm: exec to first KVM_RUN (timings_ms.setup)", timing(vn, "setup"),
+                    target="target <= 2 ms median")
+    t.add("vmm: teardown (VM end to exit, in vmm)", timing(vn, "teardown"))
+    t.add("vmm: total (in vmm)", timing(vn, "total"))
+    t.add("vmm: wall, exec to exit", wall_ms(vn))
+    t.add("vmm: wall - total (exec, VM fd close, result write, exit)",
+          [r["wall_us"] / 1000 - r["result"]["timings_ms"]["total"] for r in vn])
+    t.add("QEMU microvm: wall, exec to exit", wall_ms(qn))
+    if wr:
+        t.add("wrapper alone (/usr/bin/time true): wall", wall_ms(wr))
+    t.add("vmm: peak RSS (wait4, GNU time %M)", [r.get("maxrss_kib") for r in vn], unit="KiB")
+    has_own = [r for r in vn if "peak_rss_kib" in r["result"]]
+    s_beyond = None
+    if has_own:
+        t.add("vmm: peak RSS (its result's peak_rss_kib)", [r["result"]["peak_rss_kib"] for r in has_own],
+              unit="KiB")
+        t.add("vmm: guest pages resident (guest_resident_kib)",
+              [r["result"].get("guest_resident_kib") for r in has_own], unit="KiB")
+        s_beyond = t.add("vmm: peak RSS beyond guest pages (wait4 - resident)",
+                         [r["maxrss_kib"] - r["result"].get("guest_resident_kib", 0) for r in has_own
+                          if r.get("maxrss_kib") is not None], unit="KiB", target="target <= 2048 KiB")
+    t.add("QEMU: peak RSS (wait4, GNU time %M)", [r.get("maxrss_kib") for r in qn], unit="KiB")
+    t.print()
+    if not has_own:
+        print("  (vmm's result has no peak_rss_kib/guest_resident_kib: RSS beyond guest pages not computed)")
+    print()
+    v = med(wall_ms(vn))
+    q = med(wall_ms(qn))
+    print("ratios (medians)")
+    print(f"  vmm wall / QEMU wall: {ratio(v, q)}   (QEMU / vmm: {ratio(q, v)})")
+    if s_setup:
+        verdict = "meets" if s_setup[1] <= 2 else "misses"
+        print(f"  exec to first KVM_RUN: median {s_setup[1]:.2f} ms, {verdict} the 2 ms target")
+    if s_beyond:
+        verdict = "meets" if s_beyond[1] <= 2048 else "misses"
+        print(f"  peak RSS beyond guest pages: median {s_beyond[1]:.0f} KiB, {verdict} the 2048 KiB target")
+    if vn:
+        print(f"  vmm exits: {exits_summary(vn)}")
+    lines = failures(records, ["vmm-null", "qemu-null"])
+    w = warmup_line(records, ["vmm-null", "qemu-null"])
+    for line in ([w] if w else []) + lines:
+        print(line)
+
+
+def main():
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("boot", "null"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    records = load(sys.argv[2])
+    title = sys.argv[3] if len(sys.argv) == 4 else ""
+    if not records:
+        print("report: no records: the benchmark ran nothing to its end", file=sys.stderr)
+        return 1
+    (report_boot if sys.argv[1] == "boot" else report_null)(records, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

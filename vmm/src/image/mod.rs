@@ -1,0 +1,1 @@
+//! Container images as build environments (being written).
