@@ -48,6 +48,13 @@ build_recipe=1
 key=$( { cat "$fragment"; echo "recipe $build_recipe"; cat "$here"/patches/"$flavour"/*.patch 2>/dev/null || true
          echo "$src_version"; gcc --version | head -1; } | sha256sum | cut -c1-16)
 out=$cache/kernels/$flavour-$key
+mkdir -p "$cache/kernels"
+# One build per flavour at a time: a second caller waits for the first and then finds it cached.
+exec 9>"$cache/kernels/.lock-$flavour"
+if ! flock -n 9; then
+  say "another build of the $flavour kernel is running: waiting for it"
+  flock 9
+fi
 if [ -f "$out/vmlinux" ]; then
   say "$flavour kernel cached ($out)"
   ln -sfn "$out/vmlinux" "$cache/$flavour-vmlinux"
@@ -55,7 +62,6 @@ if [ -f "$out/vmlinux" ]; then
   exit 0
 fi
 
-mkdir -p "$cache/kernels"
 work=$(mktemp -d "$cache/kernels/.build-$flavour-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 say "building the $flavour kernel (linux-source $src_version, key $key): 7-12 min on 2 cores"

@@ -358,3 +358,51 @@ fn trace_is_trace_event_json_with_host_and_guest_phases() {
         .as_object()
         .is_some_and(|m| !m.is_empty()));
 }
+
+#[test]
+fn scratch_disk_holds_more_than_memory_and_is_deleted() {
+    // 100 MB does not fit the default tmpfs of a 128 MiB guest (50% of RAM); on the scratch disk it does.
+    let script = "head -c 100000000 /dev/zero > /tmp/big && wc -c < /tmp/big && echo x > /etc/new && cat /etc/new";
+    let o = run_script(script, &["--mem", "128", "--scratch", "512M"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "100000000\nx\n");
+    let without = run_script(script, &["--mem", "128"]);
+    assert_ne!(
+        code(&without),
+        0,
+        "the same write must not fit in guest memory"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vmm-scratch-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "scratch files left behind: {leftovers:?}"
+    );
+}
+
+#[test]
+fn two_vms_from_one_image_see_nothing_of_each_other() {
+    let script = |me: &str| format!("echo {me} > /marker-{me}; echo ready; read go; ls /marker-*");
+    let mut a = spawn_script(&script("a"), Stdio::piped());
+    let mut b = spawn_script(&script("b"), Stdio::piped());
+    // both VMs are up and have written their marker before either looks
+    assert_eq!(a.next_line(), "ready");
+    assert_eq!(b.next_line(), "ready");
+    for r in [&mut a, &mut b] {
+        r.child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(b"go\n")
+            .expect("write");
+    }
+    let out_a: Vec<String> = a.lines.by_ref().map_while(Result::ok).collect();
+    let out_b: Vec<String> = b.lines.by_ref().map_while(Result::ok).collect();
+    assert_eq!(a.child.wait().expect("wait").code(), Some(0));
+    assert_eq!(b.child.wait().expect("wait").code(), Some(0));
+    assert_eq!(out_a, ["/marker-a"]);
+    assert_eq!(out_b, ["/marker-b"]);
+}

@@ -3,6 +3,9 @@
 //! - `vmm.tmpfs_size=SIZE`: the size cap of the tmpfs that holds the overlay's upper layer (all the
 //!   writes the command makes to the root file system) and of /tmp. SIZE is what tmpfs takes:
 //!   a number of bytes with an optional k, m, g suffix, or a percentage of RAM (`50%`). Default 50%.
+//! - `vmm.scratch=vdX`: the VM has a scratch disk (an ext4 file system the host made, deleted when the
+//!   VM ends): it holds the upper layer and /tmp instead of the tmpfs, for builds that write more than
+//!   memory holds.
 
 /// The tmpfs size cap when the command line names none: tmpfs's own default, spelt out.
 pub const DEFAULT_TMPFS_SIZE: &str = "50%";
@@ -11,12 +14,15 @@ pub const DEFAULT_TMPFS_SIZE: &str = "50%";
 pub struct Options {
     /// Validated: safe to put into a mount option string.
     pub tmpfs_size: String,
+    /// The scratch disk's device node, e.g. `/dev/vdb`.
+    pub scratch: Option<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             tmpfs_size: DEFAULT_TMPFS_SIZE.to_string(),
+            scratch: None,
         }
     }
 }
@@ -30,6 +36,10 @@ pub enum CmdlineError {
          with an optional k, m or g suffix, or a percentage such as 50%"
     )]
     TmpfsSize(String),
+    #[error(
+        "invalid vmm.scratch={0:?} on the kernel command line: expected a disk name such as vdb"
+    )]
+    Scratch(String),
 }
 
 /// Reads and parses /proc/cmdline (/proc must be mounted).
@@ -51,6 +61,14 @@ pub fn parse(cmdline: &str) -> Result<Options, CmdlineError> {
                 return Err(CmdlineError::TmpfsSize(value.to_string()));
             }
             opts.tmpfs_size = value.to_string();
+        } else if key == "vmm.scratch" {
+            let valid = value.len() >= 3
+                && value.starts_with("vd")
+                && value[2..].bytes().all(|b| b.is_ascii_lowercase());
+            if !valid {
+                return Err(CmdlineError::Scratch(value.to_string()));
+            }
+            opts.scratch = Some(format!("/dev/{value}"));
         }
     }
     Ok(opts)
@@ -104,6 +122,18 @@ fn valid_size(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_disk_names_a_virtio_disk_or_is_refused() {
+        assert_eq!(
+            parse("vmm.scratch=vdb").unwrap().scratch.as_deref(),
+            Some("/dev/vdb")
+        );
+        assert_eq!(parse("quiet").unwrap().scratch, None);
+        for bad in ["sda", "vd", "vdb/../x", "vdB", "vdb,ro"] {
+            assert!(parse(&format!("vmm.scratch={bad}")).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn default_when_absent() {

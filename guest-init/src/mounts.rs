@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! /mnt/lower      /dev/vda, ext4, read-only          (the image; never written)
-//! /mnt/rw         tmpfs, size-capped                 (this VM's private writes)
+//! /mnt/rw         tmpfs, size-capped, or the scratch disk (this VM's private writes)
 //!   upper/ work/
 //! /mnt/root       overlay lower + upper              (becomes /)
 //! ```
@@ -38,10 +38,8 @@ const NEW_ROOT: &str = "/mnt/root";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error(
-        "the root disk {0} does not exist: no root image attached, or the kernel lacks virtio-blk"
-    )]
-    NoRootDisk(&'static str),
+    #[error("the disk {0} does not exist: no image attached, or the kernel lacks virtio-blk")]
+    NoDisk(String),
     #[error("mounting {what} ({fstype}) on {target}: {}", describe(.err))]
     Mount {
         what: String,
@@ -94,13 +92,19 @@ pub fn setup_root(opts: &Options) -> Result<(), MountError> {
     mkdir_p(LOWER)?;
     mount_root_image()?;
 
-    mount_fs(
-        "tmpfs",
-        RW,
-        "tmpfs",
-        0,
-        Some(&format!("mode=0755,size={}", opts.tmpfs_size)),
-    )?;
+    match &opts.scratch {
+        Some(disk) => {
+            wait_for_disk(disk)?;
+            mount_fs(disk, RW, "ext4", libc::MS_NOATIME, None)?;
+        }
+        None => mount_fs(
+            "tmpfs",
+            RW,
+            "tmpfs",
+            0,
+            Some(&format!("mode=0755,size={}", opts.tmpfs_size)),
+        )?,
+    }
     mkdir_p(UPPER)?;
     mkdir_p(WORK)?;
     copy_root_attributes(LOWER, UPPER);
@@ -110,14 +114,17 @@ pub fn setup_root(opts: &Options) -> Result<(), MountError> {
 
     switch_root(NEW_ROOT)?;
 
-    let tmp = format!("mode=1777,size={}", opts.tmpfs_size);
-    mount_fs(
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some(&tmp),
-    )?;
+    // With a scratch disk /tmp stays in the overlay, on the disk: builds put big files there.
+    if opts.scratch.is_none() {
+        let tmp = format!("mode=1777,size={}", opts.tmpfs_size);
+        mount_fs(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&tmp),
+        )?;
+    }
     mount_fs(
         "tmpfs",
         "/run",
@@ -130,13 +137,17 @@ pub fn setup_root(opts: &Options) -> Result<(), MountError> {
 }
 
 fn wait_for_root_disk() -> Result<(), MountError> {
+    wait_for_disk(ROOT_DISK)
+}
+
+fn wait_for_disk(disk: &str) -> Result<(), MountError> {
     let start = Instant::now();
     loop {
-        if Path::new(ROOT_DISK).exists() {
+        if Path::new(disk).exists() {
             return Ok(());
         }
         if start.elapsed() >= ROOT_DISK_WAIT {
-            return Err(MountError::NoRootDisk(ROOT_DISK));
+            return Err(MountError::NoDisk(disk.to_string()));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

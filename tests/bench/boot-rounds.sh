@@ -8,8 +8,9 @@
 # (report.py reads them) and progress on stderr. Wall times are bash's $EPOCHREALTIME around the command:
 # no wrapper process, nothing but the fork and exec.
 #
-#   boot-rounds.sh VMM KERNEL BENCH_IMG CMD_IMG MEM_MIB N WARMUP TPUT_MIB TPUT_RUNS CMDLINE
+#   boot-rounds.sh VMM VMM_B KERNEL BENCH_IMG CMD_IMG MEM_MIB N WARMUP TPUT_MIB TPUT_RUNS CMDLINE
 #
+# VMM_B is a second vmm binary measured the same way in each round (vmmb-init, vmmb-cmd), or - for none.
 # CMDLINE is QEMU's -append: the line vmm gives the kernel in its boot-only mode (QEMU appends its own
 # virtio_mmio.device= after it).
 set -euo pipefail
@@ -17,8 +18,8 @@ export LC_ALL=C
 
 say() { echo "bench: $*" >&2; }
 
-[ $# -eq 10 ] || { say "usage: $0 VMM KERNEL BENCH_IMG CMD_IMG MEM_MIB N WARMUP TPUT_MIB TPUT_RUNS CMDLINE"; exit 2; }
-vmm=$1 kernel=$2 bench_img=$3 cmd_img=$4 mem=$5 n=$6 warmup=$7 tput_mib=$8 tput_runs=$9 cmdline=${10}
+[ $# -eq 11 ] || { say "usage: $0 VMM VMM_B KERNEL BENCH_IMG CMD_IMG MEM_MIB N WARMUP TPUT_MIB TPUT_RUNS CMDLINE"; exit 2; }
+vmm=$1 vmm_b=$2 kernel=$3 bench_img=$4 cmd_img=$5 mem=$6 n=$7 warmup=$8 tput_mib=$9 tput_runs=${10} cmdline=${11}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -58,17 +59,24 @@ qemu=(qemu-system-x86_64 -M "microvm,acpi=off" -accel kvm -cpu host -smp 1 -m "$
       -drive "id=root,file=$qemu_drive,format=raw,if=none,readonly=on" -device "virtio-blk-device,drive=root"
       -device "isa-debug-exit,iobase=0x64,iosize=1")
 
+# The two vmm measurements of a round with one binary.
+#   vmm_rounds PREFIX VMM ROUND
+vmm_rounds() {
+  timed "$1-init" "$3" 0 "$work/init.json" \
+    "$2" --kernel "$kernel" --rootfs "$bench_img" --mem "$mem" --append init=/sbin/bench-init \
+    --result "$work/init.json"
+  timed "$1-cmd" "$3" 0 "$work/cmd.json" \
+    "$2" --kernel "$kernel" --rootfs "$cmd_img" --mem "$mem" --cmd true --result "$work/cmd.json"
+}
+
 total=$(( n + warmup ))
 for (( k = 1; k <= total; k++ )); do
   round=$(( k > warmup ? k - warmup : 0 ))
   say "round $k/$total$([ "$round" -eq 0 ] && echo ' (warm-up: not counted)')"
-  timed vmm-init "$round" 0 "$work/init.json" \
-    "$vmm" --kernel "$kernel" --rootfs "$bench_img" --mem "$mem" --append init=/sbin/bench-init \
-    --result "$work/init.json"
-  timed vmm-cmd "$round" 0 "$work/cmd.json" \
-    "$vmm" --kernel "$kernel" --rootfs "$cmd_img" --mem "$mem" --cmd true --result "$work/cmd.json"
+  vmm_rounds vmm "$vmm" "$round"
   # the guest's reset writes 0xFE to isa-debug-exit: QEMU exits (0xFE << 1 | 1) & 0xff = 253
   timed qemu-init "$round" 253 - "${qemu[@]}"
+  if [ "$vmm_b" != - ]; then vmm_rounds vmmb "$vmm_b" "$round"; fi
 done
 
 bytes=$(( tput_mib * 1024 * 1024 ))

@@ -49,15 +49,17 @@ cached_current() {
 
 mark_current() { echo "$2" > "$bench_cache/$1.stamp"; }
 
-# Prints the path of the null guest (tests/bench/null-guest/mkelf.py's output), made when missing or stale.
+# Prints the path of the null guest (tests/bench/null-guest/mkelf.py's output), made when missing or stale;
+# with --spin, of the variant that never ends.
 null_guest() {
-  local gen=$bench_dir/null-guest/mkelf.py name=null-guest.elf hash file
+  local gen=$bench_dir/null-guest/mkelf.py name=null-guest.elf hash file flags=()
+  if [ "${1:-}" = --spin ]; then name=null-guest-spin.elf; flags=(--spin); fi
   hash=$(sha256sum < "$gen" | cut -c1-16)
   file=$(cached_current "$name" "$hash")
   if [ -z "$file" ]; then
     mkdir -p "$bench_cache"
     file=$bench_cache/$name
-    "$python" "$gen" "$file" || die "could not make the null guest"
+    "$python" "$gen" "${flags[@]}" "$file" || die "could not make the null guest"
     mark_current "$name" "$hash"
   fi
   echo "$file"

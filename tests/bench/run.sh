@@ -2,7 +2,7 @@
 # Side-by-side boot benchmark: vmm against QEMU's microvm machine, same kernel, same image, same session.
 #
 #   tests/bench/run.sh [N] [--throughput] [--throughput-mib M] [--throughput-runs R] [--warmup W]
-#                      [--mem MIB] [--kernel PATH] [--timeout SECS]
+#                      [--mem MIB] [--kernel PATH] [--vmm PATH] [--vmm-b PATH] [--save FILE] [--timeout SECS]
 #
 # Builds what is missing (release vmm, the guest kernel, the busybox image, the bench image: busybox and
 # /sbin/bench-init, which only runs `reboot -f`), then boots the emulated KVM test host ONCE (on a host with
@@ -19,13 +19,17 @@
 #   --throughput-runs R  throughput runs (default 1)
 #   --mem MIB            guest memory for every VM (default 1024, vmm's default)
 #   --kernel PATH        guest kernel (default vmm's: ~/.cache/vmm/guest-vmlinux, built when missing)
+#   --vmm PATH           measure this vmm binary instead of building target/release/vmm
+#   --vmm-b PATH         also measure a second vmm binary (e.g. a build before a change) in every round, and
+#                        print its ratio to the first: an A/B comparison under the same noise
+#   --save FILE          keep the raw records (one JSON line per run, with vmm's whole --result) in FILE
 #   --timeout SECS       give up on the test host after SECS (default: generous for N)
 #
 # In the test host absolute times mean little (nested SVM under QEMU TCG, ~10x slower per boot than
 # hardware); the ratios against QEMU measured in the same session do.
 set -euo pipefail
 export LC_ALL=C
-# shellcheck source=tests/bench/common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
@@ -88,6 +92,7 @@ in_test_host() {
 
 main() {
   local n=${VMM_BENCH_N:-5} warmup=1 mem=1024 kernel="" timeout="" tput_mib=100 tput_runs=0 want_tput=0
+  local vmm="" vmm_b=- save=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --throughput) want_tput=1 ;;
@@ -97,6 +102,9 @@ main() {
       --mem) mem=${2:?--mem needs MiB}; shift ;;
       --kernel) kernel=${2:?--kernel needs a path}; shift ;;
       --timeout) timeout=${2:?--timeout needs seconds}; shift ;;
+      --vmm) vmm=${2:?--vmm needs a path}; shift ;;
+      --vmm-b) vmm_b=${2:?--vmm-b needs a path}; shift ;;
+      --save) save=${2:?--save needs a file}; shift ;;
       -h|--help) usage; exit 0 ;;
       [0-9]*) n=$1 ;;
       *) die "unknown argument $1 (see $0 --help)" ;;
@@ -108,10 +116,27 @@ main() {
   [[ "$tput_mib" =~ ^[1-9][0-9]*$ ]] || die "--throughput-mib wants a positive number, got '$tput_mib'"
   [[ "$mem" =~ ^[1-9][0-9]*$ ]] || die "--mem wants MiB, got '$mem'"
   if [ "$want_tput" -eq 1 ] && [ "$tput_runs" -eq 0 ]; then tput_runs=1; fi
-  [ -n "$timeout" ] || timeout=$(( 300 + 150 * (n + warmup) + 600 * tput_runs ))
+  local per_round=150
+  [ "$vmm_b" = - ] || per_round=250
+  [ -n "$timeout" ] || timeout=$(( 300 + per_round * (n + warmup) + 600 * tput_runs ))
 
   "$repo/tests/testhost/install-deps.sh" testhost >&2 || die "missing packages (tests/testhost/install-deps.sh testhost)"
-  build_vmm
+  if [ -n "$vmm" ]; then
+    [ -x "$vmm" ] || die "--vmm $vmm is not an executable"
+    vmm_bin=$(readlink -f "$vmm")
+  else
+    build_vmm
+  fi
+  if [ "$vmm_b" != - ]; then
+    [ -x "$vmm_b" ] || die "--vmm-b $vmm_b is not an executable"
+    vmm_b=$(readlink -f "$vmm_b")
+  fi
+  if in_test_host; then
+    local f
+    for f in "$vmm_bin" "$vmm_b" "$kernel"; do
+      case "$f" in /tmp/*) die "$f is under /tmp, which the test host does not see (it has its own /tmp)" ;; esac
+    done
+  fi
   local kernel_path cmd_img bench_img cmdline where records rc=0
   kernel_path=$(guest_kernel "$kernel")
   cmd_img=$("$repo/rootfs/busybox-image.sh") || die "the busybox image does not build (rootfs/busybox-image.sh)"
@@ -125,11 +150,13 @@ main() {
   trap "rm -f '$records'" EXIT
   say "kernel $kernel_path"
   say "QEMU's (and vmm's) kernel command line: $cmdline"
+  say "vmm $vmm_bin$([ "$vmm_b" = - ] || echo "; vmm B $vmm_b")"
   say "$n rounds + $warmup warm-up, $where"
   "$repo/tests/testhost/run" --timeout "$timeout" -- "$bench_dir/boot-rounds.sh" \
-    "$vmm_bin" "$kernel_path" "$bench_img" "$cmd_img" "$mem" "$n" "$warmup" "$tput_mib" "$tput_runs" "$cmdline" \
+    "$vmm_bin" "$vmm_b" "$kernel_path" "$bench_img" "$cmd_img" "$mem" "$n" "$warmup" "$tput_mib" "$tput_runs" "$cmdline" \
     > "$records" || rc=$?
   [ "$rc" -eq 0 ] || say "WARNING: the benchmark ended with status $rc; the figures below are what it printed before"
+  if [ -n "$save" ]; then cp "$records" "$save" && say "raw records in $save"; fi
   echo
   "$python" "$bench_dir/report.py" boot "$records" \
     "vmm vs QEMU microvm $(date '+%F %T'), $where; $(nproc) host CPUs, load $(cut -d' ' -f1-3 /proc/loadavg); --mem $mem; kernel $(basename "$(dirname "$kernel_path")")/$(basename "$kernel_path"):"

@@ -72,6 +72,8 @@ pub enum BuildError {
     WriteInitrd,
     #[error("device set-up: {0}")]
     Device(String),
+    #[error("scratch disk: {0}")]
+    Scratch(String),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
 }
@@ -163,7 +165,21 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         &printk,
         &mut cmdline,
     )?;
-    let virtio: [Arc<Mutex<dyn VirtioDevice>>; 2] = [block.clone(), vsock.clone()];
+    // Each virtio device twice: on the bus behind its transport, and in the event loop.
+    let mut virtio: Vec<Arc<Mutex<dyn VirtioDevice>>> = vec![block.clone(), vsock.clone()];
+    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        vec![block.clone(), vsock.clone()];
+    if let Some(size) = config.scratch_bytes {
+        let disk = Block::new(scratch_disk(size)?, false)
+            .map_err(|e| BuildError::Device(format!("scratch disk: {e}")))?;
+        let disk = Arc::new(Mutex::new(disk));
+        virtio.push(disk.clone());
+        subscribers.push(disk);
+        // the second virtio-blk disk the guest probes
+        cmdline
+            .insert_str("vmm.scratch=vdb")
+            .map_err(cmdline_error)?;
+    }
     for (index, device) in virtio.into_iter().enumerate() {
         add_virtio_device(index as u32, device, &vm_fd, &mem, &mut io, &mut cmdline)?;
     }
@@ -204,7 +220,7 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         mem,
         vcpus,
         io: Arc::new(io),
-        subscribers: vec![block.clone(), vsock.clone()],
+        subscribers,
         block,
         vsock,
         end,
@@ -216,6 +232,50 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default(),
     })
+}
+
+/// A sparse scratch disk of `size` bytes with an empty ext4 file system on it, private to this VM: the
+/// file is unlinked as soon as it is open, so it is gone when vmm exits, however it exits.
+fn scratch_disk(size: u64) -> Result<File, BuildError> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("vmm-scratch-{}.ext4", std::process::id()));
+    let fail = |what: &str, e: std::io::Error| {
+        BuildError::Scratch(format!("{what} {}: {e}", path.display()))
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| fail("cannot create", e))?;
+    let made = file
+        .set_len(size)
+        .map_err(|e| fail("cannot size", e))
+        .and_then(|_| {
+            // No journal: the disk dies with the VM, so there is nothing to recover after a crash.
+            let out = std::process::Command::new("mkfs.ext4")
+                .args([
+                    "-q",
+                    "-F",
+                    "-O",
+                    "^has_journal",
+                    "-E",
+                    "lazy_itable_init=1,root_owner=0:0",
+                ])
+                .arg(&path)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| fail("cannot run mkfs.ext4 (install e2fsprogs) for", e))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(fail("mkfs.ext4 failed on", std::io::Error::other(msg)))
+            }
+        });
+    // Unlinked whatever happened: an open descriptor keeps the blocks until the VM ends.
+    let _ = std::fs::remove_file(&path);
+    made.map(|_| file)
 }
 
 fn cmdline_error(e: linux_loader::cmdline::Error) -> BuildError {
@@ -404,13 +464,14 @@ fn create_vcpus(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::Kvm("get the supported CPUID", e))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(count as usize);
     for index in 0..count {
         let vcpu = vm_fd
             .create_vcpu(u64::from(index))
             .map_err(|e| BuildError::Kvm("create a vCPU", e))?;
         let mut cpuid = supported.clone();
-        cpuid::filter_for_vcpu(&mut cpuid, index, count);
+        cpuid::filter_for_vcpu(&mut cpuid, index, count, tsc_deadline);
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| BuildError::Kvm("set CPUID", e))?;
         set_lapic_lints(&vcpu)?;

@@ -38,6 +38,8 @@ pub enum ConfigError {
     Timeout(String),
     #[error("--append {0:?}: {1}")]
     Append(String, &'static str),
+    #[error("--scratch {0:?}: expected a size such as 512M or 20G (at least 16M)")]
+    Scratch(String),
     #[error("give the command either with --cmd or after --, not both")]
     CommandTwice,
 }
@@ -78,6 +80,8 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     pub result_file: Option<PathBuf>,
     pub trace_file: Option<PathBuf>,
+    /// Size of a scratch disk for the writable layer and /tmp (instead of a tmpfs in guest memory).
+    pub scratch_bytes: Option<u64>,
     /// Run even where /dev/kvm cannot run a standard kernel at a useful speed.
     pub allow_slow_host: bool,
 }
@@ -99,6 +103,7 @@ pub struct RawArgs {
     pub timeout: Option<String>,
     pub result: Option<PathBuf>,
     pub trace: Option<PathBuf>,
+    pub scratch: Option<String>,
     pub allow_slow_host: bool,
 }
 
@@ -176,6 +181,7 @@ impl TryFrom<RawArgs> for VmConfig {
             }
         };
         let timeout = raw.timeout.map(|t| parse_timeout(&t)).transpose()?;
+        let scratch_bytes = raw.scratch.map(|s| parse_size(&s)).transpose()?;
 
         Ok(VmConfig {
             kernel,
@@ -189,6 +195,7 @@ impl TryFrom<RawArgs> for VmConfig {
             timeout,
             result_file: raw.result,
             trace_file: raw.trace,
+            scratch_bytes,
             allow_slow_host: raw.allow_slow_host,
         })
     }
@@ -260,6 +267,29 @@ fn parse_user(user: &str) -> Result<(u32, u32), ConfigError> {
         None => uid,
     };
     Ok((uid, gid))
+}
+
+/// "512M", "20G", "1T", "1048576" (bytes) -> bytes.
+fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::Scratch(s.to_string());
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    if !(16 << 20..=1 << 50).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes)
 }
 
 fn parse_timeout(t: &str) -> Result<Duration, ConfigError> {
@@ -468,6 +498,11 @@ mod tests {
         assert_eq!((cmd.uid, cmd.gid), (1000, 100));
         assert_eq!(c.timeout, Some(Duration::from_millis(2500)));
         assert_eq!(parse_user("7").unwrap(), (7, 7));
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("20g").unwrap(), 20 << 30);
+        for bad in ["", "1", "12X", "G", "99999999999T", "-1G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

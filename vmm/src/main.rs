@@ -57,6 +57,10 @@ struct Cli {
     /// Write a JSON result (status, why the VM ended, timings, byte counts, exits) to FILE
     #[arg(long, value_name = "FILE")]
     result: Option<PathBuf>,
+    /// Give the VM a scratch disk of SIZE (e.g. 20G; sparse, deleted when the VM ends) for its writable
+    /// layer and /tmp, instead of a tmpfs in guest memory
+    #[arg(long, value_name = "SIZE")]
+    scratch: Option<String>,
     /// Write a timeline of the run (host phases, guest milestones, exits) as Chrome trace-event JSON
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         timeout: cli.timeout,
         result: cli.result,
         trace: cli.trace,
+        scratch: cli.scratch,
         allow_slow_host: cli.allow_slow_host,
     };
     let config = match VmConfig::try_from(raw) {

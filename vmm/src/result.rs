@@ -106,6 +106,7 @@ pub fn describe_exit(kind: &ExitKind) -> String {
     let device = |addr: u64| match addr.checked_sub(VIRTIO_MMIO_START).map(|o| o / 0x1000) {
         Some(0) => "virtio-blk".to_string(),
         Some(1) => "virtio-vsock".to_string(),
+        Some(2) => "virtio-blk scratch".to_string(),
         _ => format!("{addr:#x}"),
     };
     let port = |p: u16| match p {

@@ -327,11 +327,7 @@ pub fn run(
         handles.iter().for_each(VcpuHandle::kick);
         std::thread::sleep(Duration::from_millis(1));
     }
-    let exit_counts: Vec<ExitCounts> = handles
-        .into_iter()
-        .filter(|h| h.is_finished())
-        .filter_map(VcpuHandle::join)
-        .collect();
+    let exit_counts: Vec<ExitCounts> = handles.iter().map(VcpuHandle::counts).collect();
     let control_state = control
         .as_ref()
         .map(|c| c.state.lock().unwrap_or_else(|p| p.into_inner()).clone());
@@ -430,15 +426,18 @@ fn guest_milestone_times(
         .collect()
 }
 
-/// vmm's peak resident set, from getrusage.
+/// vmm's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec, so it
+/// would report the high-water mark of whatever process started vmm.
 fn peak_rss_kib() -> u64 {
-    // SAFETY: rusage is plain data that getrusage fills in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0;
-    }
-    usage.ru_maxrss.max(0) as u64
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// How much guest memory is resident: the pages the guest (or we, loading it) touched.

@@ -88,7 +88,10 @@ impl ExitCounts {
 
 /// A vCPU thread and what it shares with the rest of the VMM.
 pub struct VcpuHandle {
-    thread: JoinHandle<ExitCounts>,
+    thread: JoinHandle<()>,
+    /// Updated by the vCPU thread at every exit, so the counts survive a thread that never leaves
+    /// KVM_RUN at teardown.
+    counts: Arc<Mutex<ExitCounts>>,
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -110,10 +113,12 @@ pub fn spawn(
     end: Arc<VmEnd>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<VcpuHandle> {
+    let counts = Arc::new(Mutex::new(ExitCounts::default()));
+    let thread_counts = counts.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
-        .spawn(move || run_loop(&mut vcpu, &io, &end, &stop))?;
-    Ok(VcpuHandle { thread })
+        .spawn(move || run_loop(&mut vcpu, &io, &end, &stop, &thread_counts))?;
+    Ok(VcpuHandle { thread, counts })
 }
 
 impl VcpuHandle {
@@ -127,48 +132,55 @@ impl VcpuHandle {
         self.thread.is_finished()
     }
 
-    /// The thread's exit counts, once it has ended.
-    pub fn join(self) -> Option<ExitCounts> {
-        self.thread.join().ok()
+    /// The exits counted so far (all of them once the thread has ended).
+    pub fn counts(&self) -> ExitCounts {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
-fn run_loop(vcpu: &mut VcpuFd, io: &IoManager, end: &VmEnd, stop: &AtomicBool) -> ExitCounts {
-    let mut stats = ExitCounts {
-        first_run: Some(Instant::now()),
-        ..Default::default()
-    };
+fn run_loop(
+    vcpu: &mut VcpuFd,
+    io: &IoManager,
+    end: &VmEnd,
+    stop: &AtomicBool,
+    counts: &Mutex<ExitCounts>,
+) {
+    counts.lock().unwrap_or_else(|p| p.into_inner()).first_run = Some(Instant::now());
+    let count = |kind: ExitKind| counts.lock().unwrap_or_else(|p| p.into_inner()).count(kind);
     while !stop.load(Ordering::Acquire) {
         let exit = vcpu.run();
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                stats.count(ExitKind::PioRead(port));
+                count(ExitKind::PioRead(port));
                 if io.pio_read(PioAddress(port), data).is_err() {
                     // nothing there: the floating ISA bus reads as all ones
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                stats.count(ExitKind::PioWrite(port));
+                count(ExitKind::PioWrite(port));
                 let _ = io.pio_write(PioAddress(port), data);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                stats.count(ExitKind::MmioRead(addr & !0xfff));
+                count(ExitKind::MmioRead(addr & !0xfff));
                 if io.mmio_read(MmioAddress(addr), data).is_err() {
                     data.fill(0);
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                stats.count(ExitKind::MmioWrite(addr & !0xfff));
+                count(ExitKind::MmioWrite(addr & !0xfff));
                 let _ = io.mmio_write(MmioAddress(addr), data);
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
-                stats.count(ExitKind::Other("shutdown"));
+                count(ExitKind::Other("shutdown"));
                 end.report(GuestEnd::Shutdown);
                 break;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                stats.count(ExitKind::Other("system-event"));
+                count(ExitKind::Other("system-event"));
                 end.report(match kind {
                     KVM_SYSTEM_EVENT_RESET => GuestEnd::Reset,
                     KVM_SYSTEM_EVENT_SHUTDOWN => GuestEnd::Shutdown,
@@ -193,7 +205,7 @@ fn run_loop(vcpu: &mut VcpuFd, io: &IoManager, end: &VmEnd, stop: &AtomicBool) -
                 break;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                stats.count(ExitKind::Other("interrupted"));
+                count(ExitKind::Other("interrupted"));
             }
             Err(e) => {
                 end.report(GuestEnd::Error(format!("KVM_RUN failed: {e}")));
@@ -201,5 +213,4 @@ fn run_loop(vcpu: &mut VcpuFd, io: &IoManager, end: &VmEnd, stop: &AtomicBool) -
             }
         }
     }
-    stats
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the null guest: an ELF64 x86_64 file with a PVH entry whose code ends the VM at once.
 
-    tests/bench/null-guest/mkelf.py OUT.elf
+    tests/bench/null-guest/mkelf.py [--spin] OUT.elf
 
 The guest is entered by the PVH boot protocol (32-bit protected mode, paging off) at ENTRY and runs
 
@@ -10,16 +10,21 @@ The guest is entered by the PVH boot protocol (32-bit protected mode, paging off
 1:  hlt                 # f4
     jmp 1b              # eb fd
 
+With --spin the code is only `1: hlt; jmp 1b`: a guest that never ends, so that a benchmark can look at
+the VMM's memory (/proc/PID/status) while the VM runs.
+
 Layout: ELF header, two program headers (PT_LOAD of the code at physical ENTRY, which is the 1 MiB himem
 start that linux-loader requires; PT_NOTE with the Xen PVH note), the note, then the code at file offset
 0x1000. The note's descriptor is 8 bytes (the entry address zero-extended), as in a real vmlinux: linux-loader
 reads its first 4 bytes, QEMU reads all 8.
 """
+import os
 import struct
 import sys
 
 ENTRY = 0x100000
 CODE = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
+SPIN = bytes([0xF4, 0xEB, 0xFD])
 CODE_OFFSET = 0x1000
 
 EHDR_SIZE = 64
@@ -37,7 +42,7 @@ def note() -> bytes:
     return struct.pack("<III", len(name), len(desc), XEN_ELFNOTE_PHYS32_ENTRY) + name + desc
 
 
-def image() -> bytes:
+def image(code: bytes = CODE) -> bytes:
     phnum = 2
     note_offset = EHDR_SIZE + phnum * PHDR_SIZE
     the_note = note()
@@ -52,25 +57,28 @@ def image() -> bytes:
         0, 0, 0,                 # e_shentsize, e_shnum, e_shstrndx
     )
     load = struct.pack(
-        "<IIQQQQQQ", PT_LOAD, PF_R | PF_X, CODE_OFFSET, ENTRY, ENTRY, len(CODE), len(CODE), 0x1000
+        "<IIQQQQQQ", PT_LOAD, PF_R | PF_X, CODE_OFFSET, ENTRY, ENTRY, len(code), len(code), 0x1000
     )
     notes = struct.pack(
         "<IIQQQQQQ", PT_NOTE, PF_R, note_offset, 0, 0, len(the_note), len(the_note), 4
     )
     head = ehdr + load + notes + the_note
     assert len(ehdr) == EHDR_SIZE and len(head) <= CODE_OFFSET
-    return head + bytes(CODE_OFFSET - len(head)) + CODE
+    return head + bytes(CODE_OFFSET - len(head)) + code
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print(f"usage: {sys.argv[0]} OUT.elf", file=sys.stderr)
+    args = sys.argv[1:]
+    spin = args[:1] == ["--spin"]
+    if spin:
+        args = args[1:]
+    if len(args) != 1:
+        print(f"usage: {sys.argv[0]} [--spin] OUT.elf", file=sys.stderr)
         return 2
-    out = sys.argv[1]
+    out = args[0]
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(image())
-    import os
+        f.write(image(SPIN if spin else CODE))
     os.replace(tmp, out)
     return 0
 

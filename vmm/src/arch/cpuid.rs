@@ -10,6 +10,7 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
@@ -20,14 +21,21 @@ const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
 /// Rewrites `cpuid` (KVM's supported set) for vCPU `index` of `count`: one socket, `count` cores, one
-/// thread each, APIC ID = index.
-pub fn filter_for_vcpu(cpuid: &mut CpuId, index: u8, count: u8) {
+/// thread each, APIC ID = index. `tsc_deadline`: KVM emulates the LAPIC's TSC-deadline timer
+/// (KVM_CAP_TSC_DEADLINE_TIMER), which KVM_GET_SUPPORTED_CPUID never reports itself.
+pub fn filter_for_vcpu(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
     let apic_id = u32::from(index);
     let count = u32::from(count.max(1));
     // bits needed to number the cores: the x2APIC ID shift of the package level
     let core_bits = u32::BITS - (count - 1).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         filter_entry(entry, apic_id, count, core_bits);
+        if entry.function == LEAF_FEATURES && tsc_deadline {
+            // Without it Linux calibrates the LAPIC timer against a slow reference and, under an
+            // emulated or busy host, gives up on it ("APIC timer disabled due to verification
+            // failure"): seconds of boot, and a coarse fallback timer afterwards.
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
     }
 }
 
@@ -119,21 +127,21 @@ mod tests {
     #[test]
     fn apic_id_count_and_hypervisor_bit() {
         let mut c = sample();
-        filter_for_vcpu(&mut c, 3, 4);
+        filter_for_vcpu(&mut c, 3, 4, false);
         let l1 = find(&c, LEAF_FEATURES, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
         let mut single = sample();
-        filter_for_vcpu(&mut single, 0, 1);
+        filter_for_vcpu(&mut single, 0, 1, false);
         assert_eq!(find(&single, LEAF_FEATURES, 0).edx & EDX_HTT, 0);
     }
 
     #[test]
     fn topology_leaves_describe_one_socket_of_single_thread_cores() {
         let mut c = sample();
-        filter_for_vcpu(&mut c, 5, 6);
+        filter_for_vcpu(&mut c, 5, 6, false);
         let smt = find(&c, LEAF_TOPOLOGY, 0);
         assert_eq!(
             (smt.eax, smt.ebx, smt.ecx >> 8 & 0xff, smt.edx),
@@ -153,16 +161,28 @@ mod tests {
     #[test]
     fn pmu_is_hidden_and_other_leaves_untouched() {
         let mut c = sample();
-        filter_for_vcpu(&mut c, 0, 1);
+        filter_for_vcpu(&mut c, 0, 1, false);
         let pmu = find(&c, LEAF_PMU, 0);
         assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
         assert_eq!(find(&c, 0, 0).eax, 0xffff_ffff);
     }
 
     #[test]
+    fn tsc_deadline_is_announced_only_when_kvm_has_it() {
+        let mut c = sample();
+        filter_for_vcpu(&mut c, 0, 1, true);
+        assert_ne!(find(&c, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+        let mut entries = [entry(LEAF_FEATURES, 0)];
+        entries[0].ecx = 0;
+        let mut c = CpuId::from_entries(&entries).unwrap();
+        filter_for_vcpu(&mut c, 0, 1, false);
+        assert_eq!(find(&c, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn one_vcpu_needs_no_core_bits() {
         let mut c = sample();
-        filter_for_vcpu(&mut c, 0, 1);
+        filter_for_vcpu(&mut c, 0, 1, false);
         assert_eq!(find(&c, LEAF_TOPOLOGY, 1).eax, 0);
     }
 }

@@ -29,21 +29,39 @@ pub enum ImageError {
 
     /// SRC uses something this importer deliberately does not handle.
     #[error("{src}: {what} is not supported; {hint}")]
-    Unsupported { src: String, what: String, hint: String },
+    Unsupported {
+        src: String,
+        what: String,
+        hint: String,
+    },
 
     /// A layer entry would escape the root or go through a symbolic link: the whole import is refused.
     #[error(
         "refusing {src}: {layer}: entry `{path}` {why}; the image may be hostile, nothing was imported"
     )]
-    UnsafePath { src: String, layer: String, path: String, why: String },
+    UnsafePath {
+        src: String,
+        layer: String,
+        path: String,
+        why: String,
+    },
 
     /// A size in the image is absurd (beyond the input, or beyond the limit of what an image may hold).
     #[error("refusing {src}: {layer}: {why}; nothing was imported")]
-    TooLarge { src: String, layer: String, why: String },
+    TooLarge {
+        src: String,
+        layer: String,
+        why: String,
+    },
 
     /// A blob's content does not match the digest the image names it by.
     #[error("{src}: {what} is corrupt: its sha256 is {actual}, the image says {expected}; get a fresh copy of the image")]
-    DigestMismatch { src: String, what: String, expected: String, actual: String },
+    DigestMismatch {
+        src: String,
+        what: String,
+        expected: String,
+        actual: String,
+    },
 
     /// The cache's file system has too little room for the image.
     #[error(
@@ -51,7 +69,12 @@ pub enum ImageError {
          free some space or put the image cache elsewhere (--cache-dir)",
         dir.display()
     )]
-    NoSpace { dir: PathBuf, src: String, need_mib: u64, avail_mib: u64 },
+    NoSpace {
+        dir: PathBuf,
+        src: String,
+        need_mib: u64,
+        avail_mib: u64,
+    },
 
     /// mkfs.ext4 is not installed.
     #[error("mkfs.ext4 not found (looked in PATH, /usr/sbin and /sbin): install e2fsprogs")]
@@ -59,7 +82,11 @@ pub enum ImageError {
 
     /// mkfs.ext4 failed.
     #[error("mkfs.ext4 could not make a {size_mib} MiB ext4 image of {src}: {detail}")]
-    Mkfs { src: String, size_mib: u64, detail: String },
+    Mkfs {
+        src: String,
+        size_mib: u64,
+        detail: String,
+    },
 
     /// `remove` found nothing for the reference.
     #[error("no cached image matches `{reference}` (`vmm image ls` lists them)")]
@@ -67,7 +94,11 @@ pub enum ImageError {
 
     /// `remove` found more than one image for the reference.
     #[error("`{reference}` matches {count} cached images ({matches}); give a longer digest")]
-    Ambiguous { reference: String, count: usize, matches: String },
+    Ambiguous {
+        reference: String,
+        count: usize,
+        matches: String,
+    },
 
     /// The cache directory itself is unusable.
     #[error("image cache {}: {why}", dir.display())]
@@ -76,7 +107,10 @@ pub enum ImageError {
 
 impl ImageError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        ImageError::Io { context: context.into(), source }
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

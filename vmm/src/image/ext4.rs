@@ -10,7 +10,7 @@ use super::error::{ImageError, IoContext};
 
 /// The image size in MiB for a tree of `kib` KiB disk usage and `entries` entries.
 pub(crate) fn size_mib(kib: u64, entries: u64) -> u64 {
-    (kib.saturating_mul(5) / 4 + entries / 4 + 16 * 1024 + 1023) / 1024
+    (kib.saturating_mul(5) / 4 + entries / 4 + 16 * 1024).div_ceil(1024)
 }
 
 /// The inode count for a tree of `entries` entries.
@@ -28,17 +28,32 @@ fn find_mkfs() -> Option<PathBuf> {
 
 /// Writes `out` (which must not exist) as an ext4 image of `tree` of `size_mib` MiB with room for
 /// `entries` entries; `src` names the image in errors.
-pub(crate) fn make_image(tree: &Path, out: &Path, size_mib: u64, entries: u64, src: &str) -> Result<(), ImageError> {
+pub(crate) fn make_image(
+    tree: &Path,
+    out: &Path,
+    size_mib: u64,
+    entries: u64,
+    src: &str,
+) -> Result<(), ImageError> {
     let mkfs = find_mkfs().ok_or(ImageError::MkfsMissing)?;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(out)
         .ctx(|| format!("creating {}", out.display()))?;
-    file.set_len(size_mib << 20).ctx(|| format!("sizing {}", out.display()))?;
+    file.set_len(size_mib << 20)
+        .ctx(|| format!("sizing {}", out.display()))?;
     drop(file);
     let output = Command::new(&mkfs)
-        .args(["-q", "-F", "-b", "4096", "-N", &inodes(entries).to_string(), "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-N",
+            &inodes(entries).to_string(),
+            "-d",
+        ])
         .arg(tree)
         .args(["-E", "root_owner=0:0"])
         .arg(out)
@@ -54,7 +69,10 @@ pub(crate) fn make_image(tree: &Path, out: &Path, size_mib: u64, entries: u64, s
         // its last own complaint says most; otherwise all it said, on one line
         let detail = text
             .lines()
-            .filter_map(|l| l.strip_prefix("mkfs.ext4: ").or_else(|| l.strip_prefix("mke2fs: ")))
+            .filter_map(|l| {
+                l.strip_prefix("mkfs.ext4: ")
+                    .or_else(|| l.strip_prefix("mke2fs: "))
+            })
             .next_back()
             .map(str::to_string)
             .unwrap_or_else(|| {
@@ -65,7 +83,11 @@ pub(crate) fn make_image(tree: &Path, out: &Path, size_mib: u64, entries: u64, s
                     all
                 }
             });
-        return Err(ImageError::Mkfs { src: src.to_string(), size_mib, detail });
+        return Err(ImageError::Mkfs {
+            src: src.to_string(),
+            size_mib,
+            detail,
+        });
     }
     File::open(out)
         .and_then(|f| f.sync_all())

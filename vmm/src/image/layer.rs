@@ -30,7 +30,7 @@ pub(crate) const MAX_TOTAL_BYTES: u64 = 64 << 30;
 /// Tar metadata (padding, headers, PAX records, GNU long names) allowed between two entries.
 const MAX_METADATA_BYTES: u64 = 4 << 20;
 /// Room kept free on the cache's file system.
-const SPACE_RESERVE: u64 = 256 << 20;
+pub(crate) const SPACE_RESERVE: u64 = 256 << 20;
 
 /// A compression this importer does not unpack, by name, from a stream's first bytes.
 pub(crate) fn unsupported_compression(head: &[u8]) -> Option<&'static str> {
@@ -134,7 +134,10 @@ pub(crate) fn tar_error(src: &str, what: &str, err: io::Error, budget: &Budget) 
             ),
         }
     } else {
-        ImageError::BadImage { src: src.to_string(), why: format!("{what}: damaged tar: {err}") }
+        ImageError::BadImage {
+            src: src.to_string(),
+            why: format!("{what}: damaged tar: {err}"),
+        }
     }
 }
 
@@ -251,7 +254,10 @@ impl Extractor {
     ) -> Result<R, ImageError> {
         let budget = Rc::new(Budget::default());
         let mut archive = tar::Archive::new(Metered::new(input, budget.clone()));
-        let mut layer = LayerState { label, touched: HashSet::new() };
+        let mut layer = LayerState {
+            label,
+            touched: HashSet::new(),
+        };
         self.checked_parent = None;
         let result = self.apply_entries(&mut archive, &budget, known_len, &mut layer);
         let metered = archive.into_inner();
@@ -267,8 +273,9 @@ impl Extractor {
         layer: &mut LayerState,
     ) -> Result<(), ImageError> {
         budget.allow(MAX_METADATA_BYTES);
-        let mut entries =
-            archive.entries().map_err(|e| tar_error(&self.src, layer.label, e, budget))?;
+        let mut entries = archive
+            .entries()
+            .map_err(|e| tar_error(&self.src, layer.label, e, budget))?;
         loop {
             budget.allow(MAX_METADATA_BYTES);
             let entry = match entries.next() {
@@ -282,7 +289,10 @@ impl Extractor {
     }
 
     fn bad(&self, why: String) -> ImageError {
-        ImageError::BadImage { src: self.src.clone(), why }
+        ImageError::BadImage {
+            src: self.src.clone(),
+            why,
+        }
     }
 
     fn unsafe_path(&self, layer: &LayerState, path: &[u8], why: impl Into<String>) -> ImageError {
@@ -302,13 +312,19 @@ impl Extractor {
         layer: &mut LayerState,
     ) -> Result<(), ImageError> {
         let label = layer.label;
-        let bad_header =
-            |e: io::Error| ImageError::BadImage { src: self.src.clone(), why: format!("{label}: damaged tar header: {e}") };
+        let bad_header = |e: io::Error| ImageError::BadImage {
+            src: self.src.clone(),
+            why: format!("{label}: damaged tar header: {e}"),
+        };
         let raw_path = entry.path_bytes().into_owned();
         let header = entry.header();
         let mut kind = header.entry_type();
         let size = entry.size();
-        let on_archive = if kind.is_gnu_sparse() { header.entry_size().map_err(bad_header)? } else { size };
+        let on_archive = if kind.is_gnu_sparse() {
+            header.entry_size().map_err(bad_header)?
+        } else {
+            size
+        };
         let mode = header.mode().map_err(bad_header)? & 0o7777;
         let uid = header.uid().map_err(bad_header)?;
         let gid = header.gid().map_err(bad_header)?;
@@ -349,7 +365,8 @@ impl Extractor {
                 let ext = ext.map_err(bad_header)?;
                 let Ok(key) = ext.key() else { continue };
                 if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    meta.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                    meta.xattrs
+                        .push((name.to_string(), ext.value_bytes().to_vec()));
                 } else if key == "mtime" {
                     if let Some(t) = parse_pax_time(ext.value_bytes()) {
                         meta.mtime = t;
@@ -358,6 +375,11 @@ impl Extractor {
             }
         }
 
+        if kind == tar::EntryType::XGlobalHeader {
+            // PAX global records: nothing to apply (GNU tar names them /tmp/GlobalHead.*)
+            return drain(&mut entry, &mut self.buf)
+                .map_err(|e| self.read_error(label, &raw_path, e, budget));
+        }
         let rel = sanitize(&raw_path).map_err(|why| self.unsafe_path(layer, &raw_path, why))?;
         // old tars mark directories by a trailing slash on a regular entry
         if kind == tar::EntryType::Regular && raw_path.ends_with(b"/") {
@@ -366,7 +388,8 @@ impl Extractor {
 
         if let Some(name) = rel.file_name() {
             if name.as_bytes().starts_with(b".wh.") {
-                drain(&mut entry, &mut self.buf).map_err(|e| self.read_error(label, &raw_path, e, budget))?;
+                drain(&mut entry, &mut self.buf)
+                    .map_err(|e| self.read_error(label, &raw_path, e, budget))?;
                 return self.whiteout(&rel, &raw_path, layer);
             }
         }
@@ -386,10 +409,10 @@ impl Extractor {
                 self.make_hardlink(&rel, &raw_path, &target, layer)?
             }
             T::Char | T::Block | T::Fifo => self.specials += 1,
-            T::XGlobalHeader => {}
             _ => self.unknown += 1,
         }
-        drain(&mut entry, &mut self.buf).map_err(|e| self.read_error(label, &raw_path, e, budget))?;
+        drain(&mut entry, &mut self.buf)
+            .map_err(|e| self.read_error(label, &raw_path, e, budget))?;
         Ok(())
     }
 
@@ -411,12 +434,21 @@ impl Extractor {
             return Err(ImageError::TooLarge {
                 src: self.src.clone(),
                 layer: label.to_string(),
-                why: format!("the layers unpack to more than {} GiB", self.max_total >> 30),
+                why: format!(
+                    "the layers unpack to more than {} GiB",
+                    self.max_total >> 30
+                ),
             });
         }
         if self.bytes > self.space_budget {
             return Err(ImageError::NoSpace {
-                dir: self.root.parent().unwrap_or(&self.root).to_path_buf(),
+                // the cache directory (staging is <cache>/.tmp-*/root)
+                dir: self
+                    .root
+                    .ancestors()
+                    .nth(2)
+                    .unwrap_or(&self.root)
+                    .to_path_buf(),
                 src: self.src.clone(),
                 need_mib: mib(self.bytes.saturating_mul(2).saturating_add(SPACE_RESERVE)),
                 avail_mib: mib(self.space_avail),
@@ -482,7 +514,12 @@ impl Extractor {
 
     /// Removes whatever is at `abs` (never following a link); keeps a directory when `keep_dir`.
     /// Returns whether a directory was kept.
-    fn remove_existing(&mut self, abs: &Path, rel: &Path, keep_dir: bool) -> Result<bool, ImageError> {
+    fn remove_existing(
+        &mut self,
+        abs: &Path,
+        rel: &Path,
+        keep_dir: bool,
+    ) -> Result<bool, ImageError> {
         match fs::symlink_metadata(abs) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(ImageError::io(format!("checking {}", abs.display()), e)),
@@ -505,7 +542,12 @@ impl Extractor {
         self.checked_parent = None;
     }
 
-    fn whiteout(&mut self, rel: &Path, raw: &[u8], layer: &mut LayerState) -> Result<(), ImageError> {
+    fn whiteout(
+        &mut self,
+        rel: &Path,
+        raw: &[u8],
+        layer: &mut LayerState,
+    ) -> Result<(), ImageError> {
         let name = rel.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
         let dir = rel.parent().unwrap_or(Path::new(""));
         if name == b".wh..wh..opq" {
@@ -524,7 +566,9 @@ impl Extractor {
             // a whiteout hides lower layers only
             return Ok(());
         }
-        let Some(abs) = self.checked_path(&target_rel, raw, false, layer)? else { return Ok(()) };
+        let Some(abs) = self.checked_path(&target_rel, raw, false, layer)? else {
+            return Ok(());
+        };
         self.remove_existing(&abs, &target_rel, false)?;
         Ok(())
     }
@@ -534,7 +578,9 @@ impl Extractor {
         let abs = if dir.as_os_str().is_empty() {
             self.root.clone()
         } else {
-            let Some(abs) = self.checked_path(dir, raw, false, layer)? else { return Ok(()) };
+            let Some(abs) = self.checked_path(dir, raw, false, layer)? else {
+                return Ok(());
+            };
             match fs::symlink_metadata(&abs) {
                 Ok(m) if m.is_dir() => abs,
                 _ => return Ok(()),
@@ -547,16 +593,21 @@ impl Extractor {
                 let child = child.ctx(|| format!("reading {}", abs.display()))?;
                 let name = child.file_name();
                 let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
-                let is_dir = child.file_type().ctx(|| format!("checking {}", child_abs.display()))?.is_dir();
+                let is_dir = child
+                    .file_type()
+                    .ctx(|| format!("checking {}", child_abs.display()))?
+                    .is_dir();
                 if layer.touched.contains(&child_rel) {
                     if is_dir {
                         stack.push((child_abs, child_rel));
                     }
                 } else if is_dir {
-                    fs::remove_dir_all(&child_abs).ctx(|| format!("removing {}", child_abs.display()))?;
+                    fs::remove_dir_all(&child_abs)
+                        .ctx(|| format!("removing {}", child_abs.display()))?;
                     self.forget_dirs(&child_rel);
                 } else {
-                    fs::remove_file(&child_abs).ctx(|| format!("removing {}", child_abs.display()))?;
+                    fs::remove_file(&child_abs)
+                        .ctx(|| format!("removing {}", child_abs.display()))?;
                 }
             }
         }
@@ -564,19 +615,36 @@ impl Extractor {
         Ok(())
     }
 
-    fn make_dir(&mut self, rel: &Path, raw: &[u8], meta: &EntryMeta, layer: &mut LayerState) -> Result<(), ImageError> {
+    fn make_dir(
+        &mut self,
+        rel: &Path,
+        raw: &[u8],
+        meta: &EntryMeta,
+        layer: &mut LayerState,
+    ) -> Result<(), ImageError> {
         let abs = if rel.as_os_str().is_empty() {
             self.root.clone()
         } else {
-            let Some(abs) = self.checked_path(rel, raw, true, layer)? else { return Ok(()) };
+            let Some(abs) = self.checked_path(rel, raw, true, layer)? else {
+                return Ok(());
+            };
             if !self.remove_existing(&abs, rel, true)? {
-                DirBuilder::new().mode(0o755).create(&abs).ctx(|| format!("creating {}", abs.display()))?;
+                DirBuilder::new()
+                    .mode(0o755)
+                    .create(&abs)
+                    .ctx(|| format!("creating {}", abs.display()))?;
             }
             abs
         };
         self.set_owner(&abs, meta)?;
         self.set_xattrs(&abs, meta);
-        self.dirs.insert(rel.to_path_buf(), DirMeta { mode: meta.mode, mtime: meta.mtime });
+        self.dirs.insert(
+            rel.to_path_buf(),
+            DirMeta {
+                mode: meta.mode,
+                mtime: meta.mtime,
+            },
+        );
         layer.touch(rel);
         Ok(())
     }
@@ -593,10 +661,16 @@ impl Extractor {
         layer: &mut LayerState,
     ) -> Result<(), ImageError> {
         if rel.as_os_str().is_empty() {
-            return Err(self.unsafe_path(layer, raw, "would replace the root directory with a file"));
+            return Err(self.unsafe_path(
+                layer,
+                raw,
+                "would replace the root directory with a file",
+            ));
         }
         self.account(size, layer.label)?;
-        let Some(abs) = self.checked_path(rel, raw, true, layer)? else { return Ok(()) };
+        let Some(abs) = self.checked_path(rel, raw, true, layer)? else {
+            return Ok(());
+        };
         self.remove_existing(&abs, rel, false)?;
         let mut file = OpenOptions::new()
             .write(true)
@@ -607,14 +681,17 @@ impl Extractor {
             .ctx(|| format!("creating {}", abs.display()))?;
         let mut copied = 0u64;
         while copied < size {
-            let want = usize::try_from(size - copied).unwrap_or(usize::MAX).min(self.buf.len());
+            let want = usize::try_from(size - copied)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
             let n = match entry.read(&mut self.buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.read_error(layer.label, raw, e, budget)),
             };
-            file.write_all(&self.buf[..n]).ctx(|| format!("writing {}", abs.display()))?;
+            file.write_all(&self.buf[..n])
+                .ctx(|| format!("writing {}", abs.display()))?;
             copied += n as u64;
         }
         if copied != size {
@@ -628,7 +705,12 @@ impl Extractor {
             match std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => self.chown = false,
-                Err(e) => return Err(ImageError::io(format!("changing the owner of {}", abs.display()), e)),
+                Err(e) => {
+                    return Err(ImageError::io(
+                        format!("changing the owner of {}", abs.display()),
+                        e,
+                    ))
+                }
             }
         }
         // after chown, which clears setuid and setgid
@@ -651,7 +733,11 @@ impl Extractor {
         layer: &mut LayerState,
     ) -> Result<(), ImageError> {
         if rel.as_os_str().is_empty() {
-            return Err(self.unsafe_path(layer, raw, "would replace the root directory with a symbolic link"));
+            return Err(self.unsafe_path(
+                layer,
+                raw,
+                "would replace the root directory with a symbolic link",
+            ));
         }
         if target.is_empty() {
             return Err(self.bad(format!(
@@ -660,32 +746,56 @@ impl Extractor {
                 String::from_utf8_lossy(raw)
             )));
         }
-        let Some(abs) = self.checked_path(rel, raw, true, layer)? else { return Ok(()) };
+        let Some(abs) = self.checked_path(rel, raw, true, layer)? else {
+            return Ok(());
+        };
         self.remove_existing(&abs, rel, false)?;
         std::os::unix::fs::symlink(OsStr::from_bytes(target), &abs)
             .ctx(|| format!("creating the symbolic link {}", abs.display()))?;
         self.set_owner(&abs, meta)?;
         self.set_xattrs(&abs, meta);
-        rustix::fs::utimensat(rustix::fs::CWD, &abs, &timestamps(meta.mtime), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io::Error::from)
-            .ctx(|| format!("setting the time of {}", abs.display()))?;
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            &abs,
+            &timestamps(meta.mtime),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io::Error::from)
+        .ctx(|| format!("setting the time of {}", abs.display()))?;
         layer.touch(rel);
         Ok(())
     }
 
-    fn make_hardlink(&mut self, rel: &Path, raw: &[u8], target: &[u8], layer: &mut LayerState) -> Result<(), ImageError> {
+    fn make_hardlink(
+        &mut self,
+        rel: &Path,
+        raw: &[u8],
+        target: &[u8],
+        layer: &mut LayerState,
+    ) -> Result<(), ImageError> {
         let shown = String::from_utf8_lossy(target).into_owned();
-        let target_rel = sanitize(target)
-            .map_err(|why| self.unsafe_path(layer, raw, format!("is a hard link to `{shown}`, which {why}")))?;
+        let target_rel = sanitize(target).map_err(|why| {
+            self.unsafe_path(
+                layer,
+                raw,
+                format!("is a hard link to `{shown}`, which {why}"),
+            )
+        })?;
         if target_rel.as_os_str().is_empty() || rel.as_os_str().is_empty() {
-            return Err(self.unsafe_path(layer, raw, "is a hard link to or from the root directory"));
+            return Err(self.unsafe_path(
+                layer,
+                raw,
+                "is a hard link to or from the root directory",
+            ));
         }
         let missing = self.bad(format!(
             "{}: `{}` is a hard link to `{shown}`, which is not in the image",
             layer.label,
             String::from_utf8_lossy(raw)
         ));
-        let Some(target_abs) = self.checked_path(&target_rel, raw, false, layer)? else { return Err(missing) };
+        let Some(target_abs) = self.checked_path(&target_rel, raw, false, layer)? else {
+            return Err(missing);
+        };
         match fs::symlink_metadata(&target_abs) {
             Ok(m) if m.is_dir() => {
                 return Err(self.bad(format!(
@@ -696,9 +806,16 @@ impl Extractor {
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing),
-            Err(e) => return Err(ImageError::io(format!("checking {}", target_abs.display()), e)),
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("checking {}", target_abs.display()),
+                    e,
+                ))
+            }
         }
-        let Some(abs) = self.checked_path(rel, raw, true, layer)? else { return Ok(()) };
+        let Some(abs) = self.checked_path(rel, raw, true, layer)? else {
+            return Ok(());
+        };
         if abs == target_abs {
             return Ok(());
         }
@@ -720,17 +837,26 @@ impl Extractor {
                 self.chown = false;
                 Ok(())
             }
-            Err(e) => Err(ImageError::io(format!("changing the owner of {}", abs.display()), e)),
+            Err(e) => Err(ImageError::io(
+                format!("changing the owner of {}", abs.display()),
+                e,
+            )),
         }
     }
 
     /// Best effort: extended attributes the file system or our privileges refuse are counted.
     fn set_xattrs(&mut self, abs: &Path, meta: &EntryMeta) {
         for (name, value) in &meta.xattrs {
-            if let Err(e) = rustix::fs::lsetxattr(abs, name.as_str(), value, rustix::fs::XattrFlags::empty()) {
+            if let Err(e) =
+                rustix::fs::lsetxattr(abs, name.as_str(), value, rustix::fs::XattrFlags::empty())
+            {
                 self.xattr_failures += 1;
                 if self.xattr_first_failure.is_none() {
-                    self.xattr_first_failure = Some(format!("{name} on {}: {}", abs.display(), io::Error::from(e)));
+                    self.xattr_first_failure = Some(format!(
+                        "{name} on {}: {}",
+                        abs.display(),
+                        io::Error::from(e)
+                    ));
                 }
             }
         }
@@ -765,7 +891,10 @@ impl Extractor {
             ));
         }
         if self.unknown > 0 {
-            progress(&format!("note: skipped {} tar entries of types that are not files", self.unknown));
+            progress(&format!(
+                "note: skipped {} tar entries of types that are not files",
+                self.unknown
+            ));
         }
         if !self.chown && !self.chown_noted {
             self.chown_noted = true;
@@ -783,12 +912,18 @@ impl Extractor {
 }
 
 fn timestamps((sec, nsec): (i64, u32)) -> Timestamps {
-    let t = Timespec { tv_sec: sec, tv_nsec: nsec.into() };
-    Timestamps { last_access: t, last_modification: t }
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec.into(),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 /// A PAX time ("1700000000.123456789", possibly negative) as seconds and nanoseconds.
-fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+pub(crate) fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     let s = std::str::from_utf8(v).ok()?;
     let (int, frac) = match s.split_once('.') {
         Some((i, f)) => (i, f),
@@ -802,7 +937,7 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     }
     if sec < 0 && nsec > 0 {
         // -1.5 is 2 s before the epoch plus 0.5 s
-        return Some((sec - 1, 1_000_000_000 - nsec));
+        return Some((sec.checked_sub(1)?, 1_000_000_000 - nsec));
     }
     Some((sec, nsec))
 }
@@ -821,5 +956,8 @@ fn drain(r: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
 
 /// Opens `path` for reading without following a final symbolic link.
 pub(crate) fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }

@@ -13,8 +13,9 @@
 //!   metadata and contents.
 
 use std::collections::HashMap;
-use std::fs::{File, Metadata};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -55,8 +56,6 @@ impl Kind {
 pub(crate) struct LayerRef {
     /// its path in the bundle
     pub(crate) name: String,
-    /// its size as stored (compressed or not)
-    pub(crate) size: u64,
     /// the sha256 the stored blob must have (OCI descriptors)
     pub(crate) blob_hex: Option<String>,
     /// the sha256 the uncompressed tar must have (the config's diff_ids)
@@ -70,8 +69,11 @@ pub(crate) enum Bundle {
     /// a plain tarball: the one layer is the file itself
     File(PathBuf),
     /// a plain directory: no layers
-    Tree(PathBuf),
+    Tree,
 }
+
+/// A reader for a file of a bundle, and the file's size.
+pub(crate) type SizedReader<'a> = (Box<dyn Read + 'a>, u64);
 
 /// What importing SRC means.
 pub(crate) struct Plan {
@@ -124,8 +126,9 @@ impl TarBundle {
         {
             let mut archive = tar::Archive::new(Metered::new(&file, budget.clone()));
             budget.allow(1 << 22);
-            let entries =
-                archive.entries_with_seek().map_err(|e| layer::tar_error(src, "the tarball", e, &budget))?;
+            let entries = archive
+                .entries_with_seek()
+                .map_err(|e| layer::tar_error(src, "the tarball", e, &budget))?;
             for entry in entries {
                 let entry = entry.map_err(|e| layer::tar_error(src, "the tarball", e, &budget))?;
                 count += 1;
@@ -144,7 +147,14 @@ impl TarBundle {
                     } else {
                         None
                     };
-                    members.insert(name, Member { offset: entry.raw_file_position(), size: entry.size(), link });
+                    members.insert(
+                        name,
+                        Member {
+                            offset: entry.raw_file_position(),
+                            size: entry.size(),
+                            link,
+                        },
+                    );
                 }
                 budget.allow(1 << 22);
             }
@@ -155,7 +165,10 @@ impl TarBundle {
                 return Err(ImageError::TooLarge {
                     src: src.to_string(),
                     layer: "the tarball".to_string(),
-                    why: format!("member `{name}` claims {} bytes, beyond the end of the file", m.size),
+                    why: format!(
+                        "member `{name}` claims {} bytes, beyond the end of the file",
+                        m.size
+                    ),
                 });
             }
         }
@@ -176,7 +189,11 @@ impl TarBundle {
                 Some((true, target)) => name = normalize(target)?,
                 Some((false, target)) => {
                     let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                    name = if target.starts_with('/') { normalize(target)? } else { normalize(&format!("{dir}/{target}"))? };
+                    name = if target.starts_with('/') {
+                        normalize(target)?
+                    } else {
+                        normalize(&format!("{dir}/{target}"))?
+                    };
                 }
             }
         }
@@ -186,15 +203,25 @@ impl TarBundle {
 
 impl Bundle {
     /// A reader for the file `name` in the bundle and its size; None when there is no such file.
-    pub(crate) fn open(&self, name: &str) -> Result<Option<(Box<dyn Read + '_>, u64)>, ImageError> {
+    pub(crate) fn open(&self, name: &str) -> Result<Option<SizedReader<'_>>, ImageError> {
         match self {
             Bundle::Dir(root) => {
-                let Some(norm) = normalize(name) else { return Ok(None) };
+                let Some(norm) = normalize(name) else {
+                    return Ok(None);
+                };
                 if norm.is_empty() {
                     return Ok(None);
                 }
                 let path = root.join(&norm);
-                match File::open(&path) {
+                // only regular files: opening a FIFO would block
+                if !fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                    return Ok(None);
+                }
+                match OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(&path)
+                {
                     Ok(f) => {
                         let md = f.metadata().ctx(|| format!("reading {}", path.display()))?;
                         if !md.is_file() {
@@ -207,14 +234,20 @@ impl Bundle {
                 }
             }
             Bundle::Tar(t) => Ok(t.find(name).map(|m| {
-                (Box::new(RangeReader::new(&t.file, m.offset, m.size)) as Box<dyn Read>, m.size)
+                (
+                    Box::new(RangeReader::new(&t.file, m.offset, m.size)) as Box<dyn Read>,
+                    m.size,
+                )
             })),
             Bundle::File(path) => {
                 let f = File::open(path).ctx(|| format!("reading {}", path.display()))?;
-                let len = f.metadata().ctx(|| format!("reading {}", path.display()))?.len();
+                let len = f
+                    .metadata()
+                    .ctx(|| format!("reading {}", path.display()))?
+                    .len();
                 Ok(Some((Box::new(f), len)))
             }
-            Bundle::Tree(_) => Ok(None),
+            Bundle::Tree => Ok(None),
         }
     }
 
@@ -228,11 +261,19 @@ impl Bundle {
 }
 
 fn bad(src: &str, why: impl Into<String>) -> ImageError {
-    ImageError::BadImage { src: src.to_string(), why: why.into() }
+    ImageError::BadImage {
+        src: src.to_string(),
+        why: why.into(),
+    }
 }
 
 /// Reads a JSON file of the bundle (size-limited), checking its sha256 when `want_hex` is given.
-fn read_small(bundle: &Bundle, name: &str, want_hex: Option<&str>, src: &str) -> Result<Vec<u8>, ImageError> {
+fn read_small(
+    bundle: &Bundle,
+    name: &str,
+    want_hex: Option<&str>,
+    src: &str,
+) -> Result<Vec<u8>, ImageError> {
     let Some((r, size)) = bundle.open(name)? else {
         return Err(bad(src, format!("`{name}` is missing")));
     };
@@ -240,11 +281,17 @@ fn read_small(bundle: &Bundle, name: &str, want_hex: Option<&str>, src: &str) ->
         return Err(ImageError::TooLarge {
             src: src.to_string(),
             layer: format!("`{name}`"),
-            why: format!("{} MiB of JSON, over the {} MiB limit", mib(size), mib(MAX_JSON_BYTES)),
+            why: format!(
+                "{} MiB of JSON, over the {} MiB limit",
+                mib(size),
+                mib(MAX_JSON_BYTES)
+            ),
         });
     }
     let mut data = Vec::new();
-    r.take(MAX_JSON_BYTES).read_to_end(&mut data).ctx(|| format!("reading `{name}` of {src}"))?;
+    r.take(MAX_JSON_BYTES)
+        .read_to_end(&mut data)
+        .ctx(|| format!("reading `{name}` of {src}"))?;
     if let Some(want) = want_hex {
         let got = sha256_hex(&data);
         if got != want {
@@ -267,7 +314,8 @@ fn digest_hex(digest: &str, src: &str) -> Result<String, ImageError> {
         Some((alg, _)) => Err(ImageError::Unsupported {
             src: src.to_string(),
             what: format!("the digest algorithm `{alg}`"),
-            hint: "vmm reads sha256-addressed images (what docker, podman and skopeo write)".to_string(),
+            hint: "vmm reads sha256-addressed images (what docker, podman and skopeo write)"
+                .to_string(),
         }),
         None => Err(bad(src, format!("malformed digest `{digest}`"))),
     }
@@ -336,11 +384,13 @@ struct ConfigFile {
 
 /// The image config's run settings, and its diff_ids (hex), from the config file's bytes.
 fn parse_config(data: &[u8], src: &str) -> Result<(ImageConfig, Vec<String>), ImageError> {
-    let cf: ConfigFile =
-        serde_json::from_slice(data).map_err(|e| bad(src, format!("its image config is not valid: {e}")))?;
+    let cf: ConfigFile = serde_json::from_slice(data)
+        .map_err(|e| bad(src, format!("its image config is not valid: {e}")))?;
     let os = cf.os.unwrap_or_default();
     let arch = cf.architecture.unwrap_or_default();
-    if (!os.is_empty() && os != "linux") || (!arch.is_empty() && arch != "amd64" && arch != "x86_64") {
+    if (!os.is_empty() && os != "linux")
+        || (!arch.is_empty() && arch != "amd64" && arch != "x86_64")
+    {
         return Err(ImageError::Unsupported {
             src: src.to_string(),
             what: format!("an image for {}/{}", if os.is_empty() { "?" } else { &os }, if arch.is_empty() { "?" } else { &arch }),
@@ -369,10 +419,11 @@ fn choose<'d>(list: &'d [Descriptor], src: &str) -> Result<&'d Descriptor, Image
     if list.len() == 1 {
         return Ok(&list[0]);
     }
-    if let Some(d) = list
-        .iter()
-        .find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
-    {
+    if let Some(d) = list.iter().find(|d| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    }) {
         return Ok(d);
     }
     let unplatformed: Vec<_> = list.iter().filter(|d| d.platform.is_none()).collect();
@@ -381,19 +432,28 @@ fn choose<'d>(list: &'d [Descriptor], src: &str) -> Result<&'d Descriptor, Image
     }
     let platforms: Vec<String> = list
         .iter()
-        .map(|d| d.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)).unwrap_or_else(|| "?".into()))
+        .map(|d| {
+            d.platform
+                .as_ref()
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .unwrap_or_else(|| "?".into())
+        })
         .collect();
     Err(ImageError::Unsupported {
         src: src.to_string(),
-        what: format!("an index of {} images none of which is linux/amd64 ({})", list.len(), platforms.join(", ")),
+        what: format!(
+            "an index of {} images none of which is linux/amd64 ({})",
+            list.len(),
+            platforms.join(", ")
+        ),
         hint: "export the linux/amd64 image".to_string(),
     })
 }
 
 fn plan_oci(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
     let index = read_small(&bundle, "index.json", None, src)?;
-    let mut doc: IndexOrManifest =
-        serde_json::from_slice(&index).map_err(|e| bad(src, format!("index.json is not valid: {e}")))?;
+    let mut doc: IndexOrManifest = serde_json::from_slice(&index)
+        .map_err(|e| bad(src, format!("index.json is not valid: {e}")))?;
     let mut manifest_hex = None;
     for _ in 0..=MAX_INDEX_DEPTH {
         let Some(list) = &doc.manifests else { break };
@@ -407,11 +467,17 @@ fn plan_oci(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
             .map_err(|e| bad(src, format!("manifest {} is not valid: {e}", d.digest)))?;
         manifest_hex = Some(hex);
     }
-    let (Some(manifest_hex), Some(config_desc), None) = (manifest_hex, &doc.config, &doc.manifests) else {
+    let (Some(manifest_hex), Some(config_desc), None) = (manifest_hex, &doc.config, &doc.manifests)
+    else {
         return Err(bad(src, "its index does not lead to an image manifest"));
     };
     let config_hex = digest_hex(&config_desc.digest, src)?;
-    let config_data = read_small(&bundle, &format!("blobs/sha256/{config_hex}"), Some(&config_hex), src)?;
+    let config_data = read_small(
+        &bundle,
+        &format!("blobs/sha256/{config_hex}"),
+        Some(&config_hex),
+        src,
+    )?;
     let (config, diff_ids) = parse_config(&config_data, src)?;
     let descs = doc.layers.as_deref().unwrap_or_default();
     let mut layers = Vec::new();
@@ -421,17 +487,36 @@ fn plan_oci(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
         }
         let hex = digest_hex(&d.digest, src)?;
         let name = format!("blobs/sha256/{hex}");
-        if !bundle.has(&name) {
-            return Err(bad(src, format!("layer {} (`{name}`) is missing", d.digest)));
+        let Some((_, len)) = bundle.open(&name)? else {
+            return Err(bad(
+                src,
+                format!("layer {} (`{name}`) is missing", d.digest),
+            ));
+        };
+        if d.size.is_some_and(|s| s != len) {
+            return Err(bad(
+                src,
+                format!(
+                    "layer {} is {len} bytes, the manifest says {}",
+                    d.digest,
+                    d.size.unwrap_or(0)
+                ),
+            ));
         }
         layers.push(LayerRef {
-            size: d.size.unwrap_or(0),
             name,
             blob_hex: Some(hex),
             diff_hex: (diff_ids.len() == descs.len()).then(|| diff_ids[i].clone()),
         });
     }
-    Ok(Plan { kind: Kind::Oci, digest_hex: manifest_hex, config, layers, bundle, tree: None })
+    Ok(Plan {
+        kind: Kind::Oci,
+        digest_hex: manifest_hex,
+        config,
+        layers,
+        bundle,
+        tree: None,
+    })
 }
 
 #[derive(Deserialize)]
@@ -446,17 +531,23 @@ struct SaveEntry {
 
 fn plan_docker_save(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
     let data = read_small(&bundle, "manifest.json", None, src)?;
-    let mut entries: Vec<SaveEntry> =
-        serde_json::from_slice(&data).map_err(|e| bad(src, format!("manifest.json is not valid: {e}")))?;
+    let mut entries: Vec<SaveEntry> = serde_json::from_slice(&data)
+        .map_err(|e| bad(src, format!("manifest.json is not valid: {e}")))?;
     if entries.len() != 1 {
-        let tags: Vec<String> =
-            entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect();
+        let tags: Vec<String> = entries
+            .iter()
+            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+            .collect();
         return Err(bad(
             src,
             format!(
                 "it holds {} images ({}); save one image per tarball",
                 entries.len(),
-                if tags.is_empty() { "untagged".to_string() } else { tags.join(", ") }
+                if tags.is_empty() {
+                    "untagged".to_string()
+                } else {
+                    tags.join(", ")
+                }
             ),
         ));
     }
@@ -466,17 +557,23 @@ fn plan_docker_save(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
     let (config, diff_ids) = parse_config(&config_data, src)?;
     let mut layers = Vec::new();
     for (i, name) in entry.layers.iter().enumerate() {
-        let Some((_, size)) = bundle.open(name)? else {
+        if bundle.open(name)?.is_none() {
             return Err(bad(src, format!("layer `{name}` is missing")));
-        };
+        }
         layers.push(LayerRef {
             name: name.clone(),
-            size,
             blob_hex: None,
             diff_hex: (diff_ids.len() == entry.layers.len()).then(|| diff_ids[i].clone()),
         });
     }
-    Ok(Plan { kind: Kind::DockerSave, digest_hex, config, layers, bundle, tree: None })
+    Ok(Plan {
+        kind: Kind::DockerSave,
+        digest_hex,
+        config,
+        layers,
+        bundle,
+        tree: None,
+    })
 }
 
 fn zstd(src: &str, what: &str) -> ImageError {
@@ -504,11 +601,31 @@ pub(crate) fn unsupported(src: &str, what: &str, name: &str) -> ImageError {
 /// Whether a tar member name, the first of a gzip-compressed tarball, says the tarball is an image
 /// archive (docker save or OCI layout) rather than a root file system.
 fn looks_like_image_archive(first: &str) -> bool {
-    let top = first.trim_start_matches("./").split('/').next().unwrap_or("");
-    matches!(top, "manifest.json" | "oci-layout" | "index.json" | "repositories" | "blobs")
-        || is_sha256_hex(top)
+    let top = first
+        .trim_start_matches("./")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    matches!(
+        top,
+        "manifest.json" | "oci-layout" | "index.json" | "repositories" | "blobs"
+    ) || is_sha256_hex(top)
         || top.strip_suffix(".json").is_some_and(is_sha256_hex)
         || top.strip_suffix(".tar").is_some_and(is_sha256_hex)
+}
+
+/// A directory with a root-level manifest.json is an unpacked `docker save` when that file is
+/// docker's manifest (a root file system has no reason for one of that shape).
+fn is_docker_save_dir(bundle: &Bundle) -> bool {
+    bundle.has("manifest.json")
+        && read_small(bundle, "manifest.json", None, "")
+            .is_ok_and(|data| serde_json::from_slice::<Vec<SaveEntry>>(&data).is_ok())
+}
+
+/// Whether the directory `src` is imported as a plain root directory (not an image layout).
+pub(crate) fn is_plain_dir(src: &Path) -> bool {
+    let bundle = Bundle::Dir(src.to_path_buf());
+    !bundle.has("oci-layout") && !is_docker_save_dir(&bundle)
 }
 
 /// Works out what `src` (canonical) is and what importing it means. `scratch` is a private directory
@@ -517,6 +634,7 @@ pub(crate) fn prepare(
     src: &Path,
     md: &Metadata,
     scratch: &Path,
+    scan: Option<tree::Scan>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Plan, ImageError> {
     let name = src.display().to_string();
@@ -525,15 +643,13 @@ pub(crate) fn prepare(
         if bundle.has("oci-layout") {
             return plan_oci(bundle, &name);
         }
-        // a directory with a root-level manifest.json is an unpacked `docker save` when that file is
-        // docker's manifest (a root file system would have no reason for one of that shape)
-        if bundle.has("manifest.json") {
-            let data = read_small(&bundle, "manifest.json", None, &name)?;
-            if serde_json::from_slice::<Vec<SaveEntry>>(&data).is_ok() {
-                return plan_docker_save(bundle, &name);
-            }
+        if is_docker_save_dir(&bundle) {
+            return plan_docker_save(bundle, &name);
         }
-        let scan = tree::scan(src)?;
+        let scan = match scan {
+            Some(s) => s,
+            None => tree::scan(src)?,
+        };
         if scan.bytes > 64 << 20 {
             progress(&format!("hashing {} ({} MiB)", short(src), mib(scan.bytes)));
         }
@@ -543,16 +659,17 @@ pub(crate) fn prepare(
             digest_hex,
             config: ImageConfig::default(),
             layers: Vec::new(),
-            bundle: Bundle::Tree(src.to_path_buf()),
+            bundle: Bundle::Tree,
             tree: Some(scan),
         });
     }
     if !md.is_file() {
         return Err(bad(&name, "it is neither a regular file nor a directory"));
     }
-    let mut file = File::open(src).ctx(|| format!("reading {name}"))?;
+    let file = File::open(src).ctx(|| format!("reading {name}"))?;
     let mut head = [0u8; 8];
-    let n = read_up_to(&mut file, &mut head).ctx(|| format!("reading {name}"))?;
+    let n = read_up_to(&mut RangeReader::new(&file, 0, 8), &mut head)
+        .ctx(|| format!("reading {name}"))?;
     let head = &head[..n];
     if let Some(c) = layer::unsupported_compression(head) {
         return Err(unsupported(&name, "the tarball is", c));
@@ -562,24 +679,23 @@ pub(crate) fn prepare(
         if !looks_like_image_archive(&first) {
             return plan_tarball(src, md, &name, progress);
         }
-        progress(&format!("decompressing {} ({} MiB)", short(src), mib(md.len())));
+        progress(&format!(
+            "decompressing {} ({} MiB)",
+            short(src),
+            mib(md.len())
+        ));
         let copy = scratch.join("archive.tar");
-        let mut out = File::create(&copy).ctx(|| format!("creating {}", copy.display()))?;
-        let input = File::open(src).ctx(|| format!("reading {name}"))?;
-        let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(256 << 10, input));
-        let copied = io::copy(&mut (&mut dec).take(layer::MAX_TOTAL_BYTES + 1), &mut out)
-            .map_err(|e| bad(&name, format!("damaged gzip data: {e}")))?;
-        if copied > layer::MAX_TOTAL_BYTES {
-            return Err(ImageError::TooLarge {
-                src: name.clone(),
-                layer: "the tarball".into(),
-                why: format!("it decompresses to more than {} GiB", layer::MAX_TOTAL_BYTES >> 30),
-            });
-        }
+        decompress_to(src, &copy, &name)?;
         File::open(&copy).ctx(|| format!("reading {}", copy.display()))?
     } else {
         file
     };
+    let mut block = [0u8; 512];
+    let n = read_up_to(&mut RangeReader::new(&tar_file, 0, 512), &mut block)
+        .ctx(|| format!("reading {name}"))?;
+    if !is_tar_header(&block[..n]) {
+        return Err(not_an_image(&name));
+    }
     let (bundle, count) = TarBundle::index(tar_file, &name)?;
     if bundle.has("manifest.json") {
         return plan_docker_save(Bundle::Tar(bundle), &name);
@@ -588,15 +704,17 @@ pub(crate) fn prepare(
         return plan_oci(Bundle::Tar(bundle), &name);
     }
     if count == 0 {
-        return Err(bad(
-            &name,
-            "it is not an OCI image layout, a `docker save` tarball, or a tar archive (or it is an empty one)",
-        ));
+        return Err(bad(&name, "it is an empty tar archive"));
     }
     plan_tarball(src, md, &name, progress)
 }
 
-fn plan_tarball(src: &Path, md: &Metadata, name: &str, progress: &mut dyn FnMut(&str)) -> Result<Plan, ImageError> {
+fn plan_tarball(
+    src: &Path,
+    md: &Metadata,
+    name: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Plan, ImageError> {
     if md.len() > 64 << 20 {
         progress(&format!("hashing {} ({} MiB)", short(src), mib(md.len())));
     }
@@ -606,20 +724,101 @@ fn plan_tarball(src: &Path, md: &Metadata, name: &str, progress: &mut dyn FnMut(
         kind: Kind::Tarball,
         digest_hex,
         config: ImageConfig::default(),
-        layers: vec![LayerRef { name: String::new(), size: md.len(), blob_hex: None, diff_hex: None }],
+        layers: vec![LayerRef {
+            name: String::new(),
+            blob_hex: None,
+            diff_hex: None,
+        }],
         bundle: Bundle::File(src.to_path_buf()),
         tree: None,
     })
 }
 
+fn not_an_image(name: &str) -> ImageError {
+    bad(
+        name,
+        "it is not an OCI image layout, a `docker save` tarball, or a (gzip-compressed) tar archive \
+         of a root file system",
+    )
+}
+
+/// Whether `block`, the first 512 bytes of a file, starts a tar archive: a header with a valid
+/// checksum, or the end-of-archive zeros of an empty one.
+fn is_tar_header(block: &[u8]) -> bool {
+    if block.len() < 512 {
+        return false;
+    }
+    if block.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let sum: u32 = block[..148]
+        .iter()
+        .chain(&block[156..512])
+        .map(|&b| u32::from(b))
+        .sum::<u32>()
+        + 8 * 32;
+    let field = std::str::from_utf8(&block[148..156]).unwrap_or("");
+    let field = field.trim_matches(|c: char| c == ' ' || c == '\0');
+    u32::from_str_radix(field, 8).is_ok_and(|c| c == sum)
+}
+
+/// Decompresses the gzip file `src` into `out`, within the size limit and the free space.
+fn decompress_to(src: &Path, out: &Path, name: &str) -> Result<(), ImageError> {
+    let dir = out.parent().unwrap_or(Path::new("."));
+    let avail = rustix::fs::statvfs(dir)
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+        .unwrap_or(u64::MAX);
+    let limit = layer::MAX_TOTAL_BYTES.min(avail.saturating_sub(layer::SPACE_RESERVE));
+    let mut file = File::create(out).ctx(|| format!("creating {}", out.display()))?;
+    let input = File::open(src).ctx(|| format!("reading {name}"))?;
+    let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(256 << 10, input));
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match dec.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(bad(name, format!("damaged gzip data: {e}"))),
+        };
+        total += n as u64;
+        if total > limit {
+            if limit == layer::MAX_TOTAL_BYTES {
+                return Err(ImageError::TooLarge {
+                    src: name.to_string(),
+                    layer: "the tarball".into(),
+                    why: format!("it decompresses to more than {} GiB", limit >> 30),
+                });
+            }
+            return Err(ImageError::NoSpace {
+                dir: dir.parent().unwrap_or(dir).to_path_buf(),
+                src: name.to_string(),
+                need_mib: mib(total.saturating_mul(2)),
+                avail_mib: mib(avail),
+            });
+        }
+        io::Write::write_all(&mut file, &buf[..n]).ctx(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
 /// The name of the first member of a gzip-compressed tar (empty when it has none).
 fn first_member(src: &Path, name: &str) -> Result<String, ImageError> {
     let input = File::open(src).ctx(|| format!("reading {name}"))?;
-    let dec = flate2::read::MultiGzDecoder::new(io::BufReader::new(input));
+    let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::new(input));
+    let mut block = [0u8; 512];
+    let n = read_up_to(&mut dec, &mut block)
+        .map_err(|e| bad(name, format!("damaged gzip data: {e}")))?;
+    if !is_tar_header(&block[..n]) {
+        return Err(not_an_image(name));
+    }
+    let dec = io::Read::chain(&block[..n], dec);
     let budget = Rc::new(Budget::default());
     budget.allow(1 << 22);
     let mut archive = tar::Archive::new(Metered::new(dec, budget.clone()));
-    let mut entries = archive.entries().map_err(|e| layer::tar_error(name, "the tarball", e, &budget))?;
+    let mut entries = archive
+        .entries()
+        .map_err(|e| layer::tar_error(name, "the tarball", e, &budget))?;
     match entries.next() {
         None => Ok(String::new()),
         Some(Ok(e)) => Ok(String::from_utf8_lossy(&e.path_bytes()).into_owned()),
@@ -642,7 +841,9 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// The last component of `p`, for messages.
 pub(crate) fn short(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// Applies the plan's layers, in order, into `staging`, checking every blob and diff_id the image
@@ -660,28 +861,49 @@ pub(crate) fn unpack(
         if plan.kind == Kind::Tarball {
             "the tarball".to_string()
         } else {
-            let id = l.blob_hex.as_deref().or(l.diff_hex.as_deref()).map(|h| format!(" ({})", &h[..12])).unwrap_or_default();
+            let id = l
+                .blob_hex
+                .as_deref()
+                .or(l.diff_hex.as_deref())
+                .map(|h| format!(" ({})", &h[..12]))
+                .unwrap_or_default();
             format!("layer {}/{n}{id}", i + 1)
         }
     };
     for (i, l) in plan.layers.iter().enumerate() {
         let label = label_of(i, l);
-        let (raw, len) = plan.bundle.open(&l.name)?.ok_or_else(|| bad(src, format!("{label} is missing")))?;
+        let (raw, len) = plan
+            .bundle
+            .open(&l.name)?
+            .ok_or_else(|| bad(src, format!("{label} is missing")))?;
         if plan.kind == Kind::Tarball {
-            progress(&format!("importing {}: unpacking ({} MiB)", short(Path::new(src)), mib(len)));
+            progress(&format!(
+                "importing {}: unpacking ({} MiB)",
+                short(Path::new(src)),
+                mib(len)
+            ));
         } else {
-            progress(&format!("importing {}: layer {}/{n} ({} MiB)", short(Path::new(src)), i + 1, mib(len)));
+            progress(&format!(
+                "importing {}: layer {}/{n} ({} MiB)",
+                short(Path::new(src)),
+                i + 1,
+                mib(len)
+            ));
         }
         let mut blob = HashReader::new(raw);
         let (stream, compressed) = match layer::open_stream(&mut blob) {
             Ok(s) => s,
-            Err(layer::OpenError::Io(e)) => return Err(ImageError::io(format!("reading {label} of {src}"), e)),
+            Err(layer::OpenError::Io(e)) => {
+                return Err(ImageError::io(format!("reading {label} of {src}"), e))
+            }
             Err(layer::OpenError::Unsupported(c)) => return Err(unsupported(src, &label, c)),
         };
         let tar = HashReader::new(stream);
         let mut tar = ex.apply_layer(tar, if compressed { None } else { Some(len) }, &label)?;
         // the rest of the stream (tar padding) counts in the diff_id
-        let drained = tar.drain(1 << 30).map_err(|e| bad(src, format!("{label}: damaged data after the tar: {e}")))?;
+        let drained = tar
+            .drain(1 << 30)
+            .map_err(|e| bad(src, format!("{label}: damaged data after the tar: {e}")))?;
         if !drained {
             return Err(ImageError::TooLarge {
                 src: src.to_string(),
@@ -690,13 +912,17 @@ pub(crate) fn unpack(
             });
         }
         let diff = tar.finish();
-        if !blob.drain(len).map_err(|e| ImageError::io(format!("reading {label} of {src}"), e))? {
+        if !blob
+            .drain(len)
+            .map_err(|e| ImageError::io(format!("reading {label} of {src}"), e))?
+        {
             return Err(bad(src, format!("{label} is longer than it says")));
         }
         let blob_hex = blob.finish();
-        for (want, got, what) in
-            [(&l.blob_hex, &blob_hex, "blob"), (&l.diff_hex, &diff, "uncompressed tar (diff_id)")]
-        {
+        for (want, got, what) in [
+            (&l.blob_hex, &blob_hex, "blob"),
+            (&l.diff_hex, &diff, "uncompressed tar (diff_id)"),
+        ] {
             if let Some(want) = want {
                 if want != got {
                     return Err(ImageError::DigestMismatch {

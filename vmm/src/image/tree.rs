@@ -38,7 +38,8 @@ pub(crate) fn walk(
         let mut subdirs = Vec::new();
         for name in names {
             let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
-            let md = fs::symlink_metadata(&child_abs).ctx(|| format!("reading {}", child_abs.display()))?;
+            let md = fs::symlink_metadata(&child_abs)
+                .ctx(|| format!("reading {}", child_abs.display()))?;
             visit(&child_abs, &child_rel, &md)?;
             if md.is_dir() {
                 subdirs.push(child_rel);
@@ -102,7 +103,12 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, ImageError> {
         Ok(())
     })?;
     let (kib, entries) = usage(root)?;
-    Ok(Scan { fast_key: hex(&h.finalize()), kib, entries, bytes })
+    Ok(Scan {
+        fast_key: hex(&h.finalize()),
+        kib,
+        entries,
+        bytes,
+    })
 }
 
 /// sha256 over every path, its type, mode, owner, time, size, link target, hard-link structure and
@@ -147,7 +153,8 @@ pub(crate) fn content_digest(root: &Path) -> Result<String, ImageError> {
             }
         }
         if ft.is_symlink() {
-            let target = fs::read_link(abs).ctx(|| format!("reading the link {}", abs.display()))?;
+            let target =
+                fs::read_link(abs).ctx(|| format!("reading the link {}", abs.display()))?;
             h.update((target.as_os_str().len() as u64).to_le_bytes());
             h.update(target.as_os_str().as_bytes());
         } else if ft.is_file() {

@@ -19,7 +19,9 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Whether `s` is a sha256 digest in hex: 64 lower-case hex digits.
 pub(crate) fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// sha256 of `data` in hex.
@@ -41,7 +43,11 @@ pub(crate) struct HashReader<R> {
 
 impl<R: Read> HashReader<R> {
     pub(crate) fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Sha256::new(), bytes: 0 }
+        HashReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
     }
 
     /// Reads what is left, up to `limit` more bytes; false when there was more than that.
@@ -78,7 +84,11 @@ pub(crate) struct RangeReader<'a> {
 
 impl<'a> RangeReader<'a> {
     pub(crate) fn new(file: &'a File, start: u64, len: u64) -> Self {
-        RangeReader { file, pos: start, end: start.saturating_add(len) }
+        RangeReader {
+            file,
+            pos: start,
+            end: start.saturating_add(len),
+        }
     }
 }
 
@@ -95,7 +105,7 @@ impl Read for RangeReader<'_> {
     }
 }
 
-/// Hashes a whole file, with `progress` told about it when it is big.
+/// The sha256 of a whole file, in hex.
 pub(crate) fn sha256_file(file: &File) -> io::Result<String> {
     let len = file.metadata()?.len();
     let mut reader = HashReader::new(RangeReader::new(file, 0, len));
