@@ -406,3 +406,321 @@ fn two_vms_from_one_image_see_nothing_of_each_other() {
     assert_eq!(out_a, ["/marker-a"]);
     assert_eq!(out_b, ["/marker-b"]);
 }
+
+// --- container images: import, cache, docker run parity -----------------------------------------------
+
+mod oci {
+    //! Builds small container images for the tests: an OCI image layout and a `docker save` tarball.
+
+    use sha2::{Digest, Sha256};
+    use std::path::Path;
+
+    pub enum Entry<'a> {
+        Dir(&'a str),
+        File(&'a str, u32, &'a [u8]),
+        Symlink(&'a str, &'a str),
+        HardLink(&'a str, &'a str),
+        /// A file whose name is written as is, past the tar crate's own path checks (hostile input).
+        RawFile(&'a str, &'a [u8]),
+    }
+
+    pub fn layer(entries: &[Entry]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            match e {
+                Entry::Dir(p) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, &[][..]).expect("dir");
+                }
+                Entry::File(p, mode, data) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, p, *data).expect("file");
+                }
+                Entry::Symlink(p, target) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).expect("symlink");
+                }
+                Entry::RawFile(p, data) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(data.len() as u64);
+                    let name = &mut h.as_old_mut().name;
+                    name[..p.len()].copy_from_slice(p.as_bytes());
+                    h.set_cksum();
+                    b.append(&h, *data).expect("raw file");
+                }
+                Entry::HardLink(p, target) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_mode(0o644);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).expect("hard link");
+                }
+            }
+        }
+        b.into_inner().expect("tar")
+    }
+
+    pub fn sha(data: &[u8]) -> String {
+        format!("sha256:{:x}", Sha256::digest(data))
+    }
+
+    fn blob(dir: &Path, data: &[u8]) -> String {
+        let digest = sha(data);
+        let path = dir
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        std::fs::write(path, data).expect("blob");
+        digest
+    }
+
+    pub fn config(layers: &[Vec<u8>], env: &[&str], workdir: &str, cmd: &[&str]) -> Vec<u8> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha(l)).collect();
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": env, "WorkingDir": workdir, "Cmd": cmd},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .expect("config")
+    }
+
+    /// An OCI image layout with uncompressed layers.
+    pub fn layout(dir: &Path, layers: &[Vec<u8>], config: &[u8]) {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).expect("mkdir");
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .expect("oci-layout");
+        let config_digest = blob(dir, config);
+        let layer_descs: Vec<_> = layers
+            .iter()
+            .map(|l| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob(dir, l), "size": l.len()}))
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": layer_descs,
+        }))
+        .expect("manifest");
+        let manifest_digest = blob(dir, &manifest);
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest.len(),
+                           "platform": {"architecture": "amd64", "os": "linux"}}],
+        });
+        std::fs::write(
+            dir.join("index.json"),
+            serde_json::to_vec(&index).expect("index"),
+        )
+        .expect("index.json");
+    }
+
+    /// A `docker save` tarball (the older layout: <id>/layer.tar).
+    pub fn docker_save(path: &Path, layers: &[Vec<u8>], config: &[u8]) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data).expect("entry");
+        };
+        let config_name = format!("{}.json", sha(config).trim_start_matches("sha256:"));
+        add(&config_name, config);
+        let mut layer_names = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let name = format!("layer{i}/layer.tar");
+            add(&name, l);
+            layer_names.push(name);
+        }
+        let manifest = serde_json::json!([{"Config": config_name, "RepoTags": ["test:latest"], "Layers": layer_names}]);
+        add(
+            "manifest.json",
+            &serde_json::to_vec(&manifest).expect("manifest"),
+        );
+        std::fs::write(path, b.into_inner().expect("tar")).expect("write");
+    }
+}
+
+/// A two-layer image: busybox and a tree in the first layer; in the second a whiteout, an opaque
+/// directory, a symlink, a hard link and a setuid file.
+fn test_image_layers() -> (Vec<Vec<u8>>, Vec<u8>) {
+    use oci::Entry::*;
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static on the host");
+    let applets = [
+        "sh", "ls", "cat", "echo", "pwd", "readlink", "stat", "id", "touch", "sync",
+    ];
+    let mut base = vec![Dir("bin/"), File("bin/busybox", 0o755, &busybox)];
+    base.extend(
+        applets
+            .iter()
+            .map(|a| Symlink(Box::leak(format!("bin/{a}").into_boxed_str()), "busybox")),
+    );
+    base.extend([
+        Dir("etc/"),
+        File(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:100::/home:/bin/sh\n",
+        ),
+        File("etc/group", 0o644, b"root:x:0:\nusers:x:100:\n"),
+        Dir("data/"),
+        File("data/keep.txt", 0o644, b"kept\n"),
+        File("data/gone.txt", 0o644, b"deleted by a whiteout\n"),
+        Dir("opq/"),
+        File("opq/old.txt", 0o644, b"hidden by an opaque whiteout\n"),
+        Dir("proc/"),
+        Dir("sys/"),
+        Dir("dev/"),
+        Dir("tmp/"),
+    ]);
+    let top = vec![
+        File("data/.wh.gone.txt", 0o644, b""),
+        File("opq/.wh..wh..opq", 0o644, b""),
+        File("opq/new.txt", 0o644, b"new\n"),
+        Symlink("link", "data/keep.txt"),
+        HardLink("hard", "data/keep.txt"),
+        File("bin/suid", 0o4755, b"#!/bin/sh\n"),
+    ];
+    let layers = vec![oci::layer(&base), oci::layer(&top)];
+    let config = oci::config(
+        &layers,
+        &["GREETING=hello from the image", "PATH=/bin"],
+        "/data",
+        &["/bin/sh", "-c", "echo default-cmd; id -u"],
+    );
+    (layers, config)
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+#[test]
+fn oci_image_runs_with_its_merged_tree_and_config_and_is_cached() {
+    let dir = scratch_dir("oci");
+    let (layers, config) = test_image_layers();
+    let layout = dir.join("layout");
+    oci::layout(&layout, &layers, &config);
+    let cache = dir.join("cache");
+    let image_args = [
+        "--image",
+        layout.to_str().expect("utf-8"),
+        "--cache-dir",
+        cache.to_str().expect("utf-8"),
+    ];
+
+    // no command: the image's Cmd runs
+    let o = run(vmm().args(["--timeout", "120"]).args(image_args));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "default-cmd\n0\n");
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(entries.len(), 1, "one cache entry");
+    let ext4 = entries[0].path().join("rootfs.ext4");
+    let mtime = std::fs::metadata(&ext4)
+        .expect("rootfs.ext4")
+        .modified()
+        .expect("mtime");
+
+    let script = "pwd; echo $GREETING; ls /data; ls /opq; readlink /link; stat -c %h /data/keep.txt; stat -c %a /bin/suid";
+    let o = run(vmm()
+        .args(["--timeout", "120"])
+        .args(image_args)
+        .args(["--cmd", script]));
+    assert_code(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        "/data\nhello from the image\nkeep.txt\nnew.txt\ndata/keep.txt\n2\n4755\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&ext4)
+            .expect("rootfs.ext4")
+            .modified()
+            .expect("mtime"),
+        mtime,
+        "cache hit: not rebuilt"
+    );
+
+    // flags override the image's config
+    let o = run(vmm().args(["--timeout", "120"]).args(image_args).args([
+        "--workdir",
+        "/opq",
+        "--env",
+        "GREETING=flag",
+        "--user",
+        "1000",
+        "--cmd",
+        "pwd; echo $GREETING; id -u; id -g",
+    ]));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "/opq\nflag\n1000\n100\n");
+
+    let ls = run(vmm().args(["image", "ls", "--cache-dir", cache.to_str().expect("utf-8")]));
+    assert_code(&ls, 0);
+    assert_eq!(stdout(&ls).lines().count(), 1);
+}
+
+#[test]
+fn docker_save_tarball_runs_too() {
+    let dir = scratch_dir("docker-save");
+    let (layers, config) = test_image_layers();
+    let tarball = dir.join("image.tar");
+    oci::docker_save(&tarball, &layers, &config);
+    let o = run(vmm()
+        .args([
+            "--timeout",
+            "120",
+            "--image",
+            tarball.to_str().expect("utf-8"),
+            "--cache-dir",
+        ])
+        .arg(dir.join("cache"))
+        .args(["--cmd", "ls /data /opq; cat /hard"]));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "/data:\nkeep.txt\n\n/opq:\nnew.txt\nkept\n");
+}
+
+#[test]
+fn hostile_image_is_refused_and_writes_nothing_outside() {
+    use oci::Entry::*;
+    let dir = scratch_dir("hostile");
+    let evil = oci::layer(&[Dir("ok/"), RawFile("ok/../../escaped", b"pwned\n")]);
+    let tarball = dir.join("evil.tar");
+    std::fs::write(&tarball, evil).expect("write");
+    let cache = dir.join("cache");
+    let o = run(vmm().args([
+        "image",
+        "import",
+        tarball.to_str().expect("utf-8"),
+        "--cache-dir",
+        cache.to_str().expect("utf-8"),
+    ]));
+    assert_code(&o, 125);
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(!dir.join("escaped").exists() && !std::env::temp_dir().join("escaped").exists());
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "no cache entry from a refused import: {left:?}"
+    );
+}

@@ -40,6 +40,8 @@ pub enum ConfigError {
     Append(String, &'static str),
     #[error("--scratch {0:?}: expected a size such as 512M or 20G (at least 16M)")]
     Scratch(String),
+    #[error("the image has no Entrypoint or Cmd: give the command with --cmd or after --")]
+    ImageHasNoCommand,
     #[error("give the command either with --cmd or after --, not both")]
     CommandTwice,
 }
@@ -105,6 +107,11 @@ pub struct RawArgs {
     pub trace: Option<PathBuf>,
     pub scratch: Option<String>,
     pub allow_slow_host: bool,
+    /// The config of the container image the rootfs came from (`--image`): its Env, WorkingDir,
+    /// Entrypoint and Cmd apply as `docker run` applies them, flags override.
+    pub image: Option<crate::image::ImageConfig>,
+    /// --user or the image's User, already resolved to numbers against the root image's /etc files.
+    pub user_ids: Option<(u32, u32)>,
 }
 
 /// Where the project's build scripts leave their artifacts.
@@ -149,27 +156,52 @@ impl TryFrom<RawArgs> for VmConfig {
             ));
         }
 
+        let image = raw.image.clone().unwrap_or_default();
         let argv = match (raw.cmd, raw.argv.is_empty()) {
             (Some(_), false) => return Err(ConfigError::CommandTwice),
             (Some(script), true) => Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]),
-            (None, false) => Some(raw.argv),
+            // as `docker run IMAGE ARGS...`: the arguments replace Cmd and follow the Entrypoint
+            (None, false) => Some(image.entrypoint.iter().cloned().chain(raw.argv).collect()),
+            (None, true) if raw.image.is_some() => {
+                let argv: Vec<String> =
+                    image.entrypoint.iter().chain(&image.cmd).cloned().collect();
+                if argv.is_empty() {
+                    return Err(ConfigError::ImageHasNoCommand);
+                }
+                Some(argv)
+            }
             (None, true) => None,
         };
         let command = match argv {
             None => None,
             Some(argv) => {
-                let env = raw
+                // the image's Env first, then --env; a later KEY replaces an earlier one
+                let mut env: Vec<(String, String)> = Vec::new();
+                let image_env = image.env.iter().filter_map(|e| e.split_once('='));
+                let flag_env = raw
                     .env
                     .iter()
                     .map(|e| parse_env(e))
-                    .collect::<Result<_, _>>()?;
-                let workdir = raw.workdir.unwrap_or_else(|| "/".to_string());
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (k, v) in image_env
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(flag_env)
+                {
+                    match env.iter_mut().find(|(key, _)| *key == k) {
+                        Some(slot) => slot.1 = v,
+                        None => env.push((k, v)),
+                    }
+                }
+                let workdir = raw
+                    .workdir
+                    .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+                    .unwrap_or_else(|| "/".to_string());
                 if !workdir.starts_with('/') {
                     return Err(ConfigError::Workdir(workdir));
                 }
                 let (uid, gid) = match raw.user {
                     Some(u) => parse_user(&u)?,
-                    None => (0, 0),
+                    None => raw.user_ids.unwrap_or((0, 0)),
                 };
                 Some(CommandSpec {
                     argv,
@@ -503,6 +535,59 @@ mod tests {
         for bad in ["", "1", "12X", "G", "99999999999T", "-1G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn image_config_applies_as_docker_run_does_and_flags_override() {
+        let image = crate::image::ImageConfig {
+            env: vec!["PATH=/opt/bin:/bin".into(), "LANG=C".into(), "junk".into()],
+            working_dir: Some("/src".into()),
+            user: Some("builder".into()),
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["make".into(), "all".into()],
+        };
+        let with_image = || RawArgs {
+            image: Some(image.clone()),
+            user_ids: Some((1000, 100)),
+            ..raw()
+        };
+        let c = VmConfig::try_from(with_image()).unwrap().command.unwrap();
+        assert_eq!(c.argv, ["/entry", "make", "all"]);
+        assert_eq!(
+            c.env,
+            [
+                ("PATH".into(), "/opt/bin:/bin".into()),
+                ("LANG".into(), "C".into())
+            ]
+        );
+        assert_eq!((c.workdir.as_str(), c.uid, c.gid), ("/src", 1000, 100));
+        let c = VmConfig::try_from(RawArgs {
+            argv: vec!["test".into()],
+            env: vec!["LANG=en".into()],
+            workdir: Some("/w".into()),
+            user: Some("0".into()),
+            ..with_image()
+        })
+        .unwrap()
+        .command
+        .unwrap();
+        assert_eq!(c.argv, ["/entry", "test"]);
+        assert_eq!(c.env[1], ("LANG".into(), "en".into()));
+        assert_eq!((c.workdir.as_str(), c.uid), ("/w", 0));
+        let c = VmConfig::try_from(RawArgs {
+            cmd: Some("ls".into()),
+            ..with_image()
+        })
+        .unwrap();
+        assert_eq!(c.command.unwrap().argv, ["/bin/sh", "-c", "ls"]);
+        let bare = RawArgs {
+            image: Some(Default::default()),
+            ..raw()
+        };
+        assert!(matches!(
+            VmConfig::try_from(bare),
+            Err(ConfigError::ImageHasNoCommand)
+        ));
     }
 
     #[test]

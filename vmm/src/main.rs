@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vmm::config::{detect_kvm_flavour, KvmFlavour, RawArgs, VmConfig};
+use vmm::config::{cache_dir, detect_kvm_flavour, KvmFlavour, RawArgs, VmConfig};
+use vmm::image::{Image, ImageError, ImageStore};
 use vmm::result::EXIT_VMM_FAILED;
 use vmm::runner;
 use vmm::timeline::Timeline;
@@ -18,9 +19,20 @@ use vmm::timeline::Timeline;
 #[command(
     name = "vmm",
     version,
-    override_usage = "vmm [OPTIONS] [--cmd SCRIPT | -- PROGRAM [ARGS...]]"
+    override_usage = "vmm [OPTIONS] [--cmd SCRIPT | -- PROGRAM [ARGS...]]\n       vmm image import|ls|rm",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Where imported container images are cached [default: ~/.cache/vmm/images]
+    #[arg(long, value_name = "DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Run in a container image: an OCI image layout directory, a `docker save` tarball, or a root
+    /// file system tarball or directory (imported and cached on first use); its Env, WorkingDir, User,
+    /// Entrypoint and Cmd apply as with `docker run`, flags override
+    #[arg(long, value_name = "SRC", conflicts_with = "rootfs")]
+    image: Option<PathBuf>,
     /// Guest kernel: an ELF vmlinux (PVH entry, fastest) or a bzImage [default: ~/.cache/vmm/guest-vmlinux]
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -72,6 +84,23 @@ struct Cli {
     argv: Vec<String>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Manage the cache of container images converted to bootable root file systems
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ImageCommand {
+    /// Import an OCI image layout, a `docker save` tarball, or a rootfs tarball or directory
+    Import { src: PathBuf },
+    /// List cached images
+    Ls,
+    /// Remove a cached image, by digest (prefix) or source path
+    Rm { reference: String },
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     die_with_parent();
@@ -88,9 +117,43 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
+    let store = || {
+        ImageStore::open(
+            &cli.cache_dir
+                .clone()
+                .unwrap_or_else(|| cache_dir().join("images")),
+        )
+    };
+    if let Some(Command::Image(cmd)) = &cli.command {
+        return image_command(cmd, store);
+    }
+    let (mut rootfs, mut image, mut user_ids) = (cli.rootfs, None, None);
+    if let Some(src) = &cli.image {
+        let imported = store().and_then(|s| import_with_progress(&s, src));
+        let imported = match imported {
+            Ok(i) => i,
+            Err(e) => return fail(&e.to_string()),
+        };
+        rootfs = Some(imported.rootfs);
+        image = Some(imported.config);
+    }
+    // --user, else the image's User, by name or number, resolved against the root image's own /etc
+    // files as `docker run` does inside the container
+    let user = cli.user.clone().or_else(|| {
+        image
+            .as_ref()
+            .and_then(|i: &vmm::image::ImageConfig| i.user.clone())
+    });
+    if let Some(user) = user.filter(|u| !u.is_empty()) {
+        let root = rootfs.clone().unwrap_or_else(vmm::config::default_rootfs);
+        match vmm::image::resolve_user(&root, &user) {
+            Ok(ids) => user_ids = Some(ids),
+            Err(e) => return fail(&format!("--user {user}: {e}")),
+        }
+    }
     let raw = RawArgs {
         kernel: cli.kernel,
-        rootfs: cli.rootfs,
+        rootfs,
         mem_mib: cli.mem,
         vcpus: cli.vcpus,
         console: cli.console,
@@ -99,12 +162,14 @@ fn main() -> ExitCode {
         argv: cli.argv,
         env: cli.env,
         workdir: cli.workdir,
-        user: cli.user,
+        user: None,
         timeout: cli.timeout,
         result: cli.result,
         trace: cli.trace,
         scratch: cli.scratch,
         allow_slow_host: cli.allow_slow_host,
+        image,
+        user_ids,
     };
     let config = match VmConfig::try_from(raw) {
         Ok(c) => c,
@@ -138,6 +203,44 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::from(result.exit_code.clamp(0, 255) as u8)
+}
+
+/// Imports `src`, printing progress to stderr only when the import takes more than a moment.
+fn import_with_progress(store: &ImageStore, src: &std::path::Path) -> Result<Image, ImageError> {
+    let start = Instant::now();
+    let mut progress = |line: &str| {
+        if start.elapsed() > Duration::from_millis(300) {
+            eprintln!("vmm: {line}");
+        }
+    };
+    store.import(src, &mut progress)
+}
+
+fn image_command(
+    cmd: &ImageCommand,
+    store: impl Fn() -> Result<ImageStore, ImageError>,
+) -> ExitCode {
+    let store = match store() {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let result = match cmd {
+        ImageCommand::Import { src } => import_with_progress(&store, src).map(|image| {
+            println!("{} {}", image.digest, image.rootfs.display());
+        }),
+        ImageCommand::Ls => store.list().map(|images| {
+            for i in images {
+                println!("{}  {:>6} MiB  {}", &i.digest, i.size_bytes >> 20, i.source);
+            }
+        }),
+        ImageCommand::Rm { reference } => store
+            .remove(reference)
+            .map(|i| println!("removed {}", i.digest)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
 }
 
 /// The VM never outlives the process that started vmm: if our parent dies, so do we, and the VM with us.

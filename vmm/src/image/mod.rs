@@ -26,6 +26,7 @@ mod ext4;
 mod layer;
 mod source;
 mod tree;
+mod user;
 mod util;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ use sha2::{Digest, Sha256};
 pub use error::ImageError;
 use error::IoContext;
 use source::Kind;
+pub use user::resolve_user;
 use util::{hex, is_sha256_hex, mib, unix_now};
 
 /// The run settings of an image: its config's `config` object, as `docker run` applies them.
