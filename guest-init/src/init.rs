@@ -5,7 +5,7 @@
 //! 3. read the `vmm.*` options, mount the root image under the overlay, switch root (RootMounted);
 //! 4. connect to the host over vsock (Connected); send Hello and the milestones so far;
 //! 5. if 3 failed, send `Error(Setup)` and stop here; else run the session (`session::serve`);
-//! 6. half-close the connection and give the host a moment to take the last frames, `sync`, and reset
+//! 6. half-close the connection and wait for the host to take the last frames and end the VM; `sync`, and reset
 //!    the VM (`reboot(RB_AUTOBOOT)`; with `reboot=k` the VMM sees the reset and ends the VM).
 //!
 //! Every failure is logged to /dev/kmsg, reported to the host when connected, and ends in step 6:
@@ -25,8 +25,12 @@ use crate::{log, reaper, vsock};
 
 /// How long connecting to the host may keep retrying.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
-/// How long to wait for the host to close the connection after the last frame.
-const LINGER: Duration = Duration::from_millis(500);
+/// How long to wait for the host to close the connection after the last frame. The host ends the VM
+/// as soon as it has read the exit status, and what the guest wrote last may still sit in its vsock
+/// queue waiting for credit (a slow reader of the command's output on the host): resetting before the
+/// host has it would lose the tail of the output and the status. So wait for the host; this bound only
+/// matters for a host that never reads, and that host's own --timeout ends the VM.
+const LINGER: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
