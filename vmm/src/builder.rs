@@ -377,11 +377,10 @@ fn add_legacy_devices(
         Arc::new(Mutex::new(legacy::TimestampDevice::new(stamps.clone()))),
     )
     .map_err(bus_error)?;
-    let reset = end.event().try_clone().map_err(BuildError::EventFd)?;
     io.register_pio(
         PioRange::new(PioAddress(legacy::I8042_PORT_BASE), legacy::I8042_PORT_LEN)
             .map_err(bus_error)?,
-        Arc::new(Mutex::new(I8042::new(reset))),
+        Arc::new(Mutex::new(I8042::new(legacy::ResetTrigger(end.clone())))),
     )
     .map_err(bus_error)?;
     if config.console {

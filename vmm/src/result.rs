@@ -46,6 +46,8 @@ pub struct RunResult {
     pub block_bytes_read: u64,
     pub vsock_bytes_to_host: u64,
     pub vsock_bytes_to_guest: u64,
+    /// Packets from the guest that the vsock device refused as malformed.
+    pub vsock_malformed_packets: u64,
     /// Exits to user space by kind, summed over vCPUs.
     pub exits: Vec<ExitCount>,
     /// vmm's peak resident memory, guest pages it touched included.

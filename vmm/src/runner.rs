@@ -349,11 +349,11 @@ pub fn run(
     let exited = milestone_at(Milestone::CommandExited);
     let start = timeline.start();
     let block = vm.block.lock().unwrap_or_else(|p| p.into_inner()).stats();
-    let (to_host, to_guest) = vm
-        .vsock
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .bytes_counters();
+    let (to_host, to_guest, malformed) = {
+        let vsock = vm.vsock.lock().unwrap_or_else(|p| p.into_inner());
+        let (to_host, to_guest) = vsock.bytes_counters();
+        (to_host, to_guest, vsock.malformed_packets())
+    };
     let timings = Timings {
         setup: first_run.map(|t| ms(t - start)).unwrap_or(0.0),
         boot: match (&config.command, started) {
@@ -378,6 +378,7 @@ pub fn run(
         block_bytes_read: block.bytes_read,
         vsock_bytes_to_host: to_host,
         vsock_bytes_to_guest: to_guest,
+        vsock_malformed_packets: malformed,
         exits: summarize_exits(&exit_counts),
         peak_rss_kib: peak_rss_kib(),
         guest_resident_kib: resident_kib(&vm.mem),
@@ -532,18 +533,32 @@ fn conclude(
         (Decision::Guest(_), None) if config.command.is_none() => {
             (0, None, EndReason::GuestEnded, None)
         }
-        (_, None) => {
+        (Decision::Guest(end), None) => {
             let connected = control.is_some_and(|c| c.connected_at.is_some());
+            let how = match end {
+                GuestEnd::Reset => "reset",
+                GuestEnd::Shutdown => "powered off or triple-faulted",
+                GuestEnd::Error(_) => "failed",
+            };
             let why = if connected {
-                "the guest ended before reporting the command's exit status"
+                format!("the guest {how} before reporting the command's exit status")
             } else {
-                "the guest never came up: it ended before guest-init connected (run with --console to see its kernel log)"
+                format!("the guest never came up: it {how} before guest-init connected (run with --console to see its kernel log)")
             };
             (
                 EXIT_VMM_FAILED,
                 None,
-                EndReason::GuestFailed(why.into()),
-                Some(why.into()),
+                EndReason::GuestFailed(why.clone()),
+                Some(why),
+            )
+        }
+        (Decision::Command, None) => {
+            let why = "the control channel ended without an outcome".to_string();
+            (
+                EXIT_VMM_FAILED,
+                None,
+                EndReason::GuestFailed(why.clone()),
+                Some(why),
             )
         }
     }

@@ -168,6 +168,7 @@ mod tests {
             block_bytes_read: 3,
             vsock_bytes_to_host: 4,
             vsock_bytes_to_guest: 5,
+            vsock_malformed_packets: 0,
             exits: vec![crate::result::ExitCount {
                 kind: "pio-write 0x440".into(),
                 count: 5,

@@ -93,20 +93,32 @@ impl Write for ConsoleOut {
     }
 }
 
-/// The i8042 controller; a CPU reset command writes `reset_evt`.
-pub struct I8042 {
-    device: I8042Device<EventFdTrigger>,
+/// The guest's reset request, as the end of the VM.
+pub struct ResetTrigger(pub std::sync::Arc<crate::vcpu::VmEnd>);
+
+impl Trigger for ResetTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.report(crate::vcpu::GuestEnd::Reset);
+        Ok(())
+    }
 }
 
-impl I8042 {
-    pub fn new(reset_evt: EventFd) -> Self {
+/// The i8042 controller; a CPU reset command fires `reset`.
+pub struct I8042<T: Trigger = ResetTrigger> {
+    device: I8042Device<T>,
+}
+
+impl<T: Trigger> I8042<T> {
+    pub fn new(reset: T) -> Self {
         I8042 {
-            device: I8042Device::new(EventFdTrigger::new(reset_evt)),
+            device: I8042Device::new(reset),
         }
     }
 }
 
-impl MutDevicePio for I8042 {
+impl<T: Trigger> MutDevicePio for I8042<T> {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             *byte = self.device.read(offset);
@@ -163,7 +175,7 @@ mod tests {
     #[test]
     fn i8042_reset_command_fires_the_reset_event() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(evt.try_clone().unwrap());
+        let mut dev = I8042::new(EventFdTrigger::new(evt.try_clone().unwrap()));
         let mut status = [0u8];
         dev.pio_read(PioAddress(I8042_PORT_BASE), 4, &mut status);
         dev.pio_write(PioAddress(I8042_PORT_BASE), 4, &[0xfe]);
