@@ -76,6 +76,19 @@ impl Interrupt {
     }
 }
 
+/// Copies the bytes of a device's configuration space at `offset` into `data`; bytes past its end (or
+/// at an offset that overflows) read as zero, as the spec wants for a read-only space.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What a device receives when the driver sets DRIVER_OK: everything it needs to serve its queues.
 pub struct ActivateContext {
     pub mem: GuestMemory,
