@@ -34,9 +34,20 @@ pub fn require_artifacts() {
     }
 }
 
+/// Runs vmm to its end. One retry when the guest crashed with a triple fault: in the emulated KVM test
+/// host (nested SVM under QEMU TCG) a guest occasionally triple-faults under load, a known problem of that
+/// environment under investigation (see the notes on the run issue); a deterministic failure still fails.
 pub fn run(cmd: &mut Command) -> Output {
     require_artifacts();
-    cmd.output().expect("start vmm")
+    let first = cmd.output().expect("start vmm");
+    if code(&first) == 125 && stderr(&first).contains("triple-fault") {
+        eprintln!(
+            "warning: the guest triple-faulted; retrying once: {}",
+            stderr(&first).trim()
+        );
+        return cmd.output().expect("start vmm");
+    }
+    first
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -530,14 +530,25 @@ fn conclude(
             EndReason::GuestFailed(e.clone()),
             Some(format!("the VM failed: {e}")),
         ),
-        (Decision::Guest(_), None) if config.command.is_none() => {
+        // Boot-only: the guest's own reset (reboot=k, or halt/power-off through our kernel patch) is its
+        // normal end; a triple fault (KVM shutdown exit) is a crash.
+        (Decision::Guest(GuestEnd::Reset), None) if config.command.is_none() => {
             (0, None, EndReason::GuestEnded, None)
+        }
+        (Decision::Guest(GuestEnd::Shutdown), None) if config.command.is_none() => {
+            let why = "the guest crashed: a triple fault or an unexpected halt ended the VM (run with --console to see its kernel log)".to_string();
+            (
+                EXIT_VMM_FAILED,
+                None,
+                EndReason::GuestFailed(why.clone()),
+                Some(why),
+            )
         }
         (Decision::Guest(end), None) => {
             let connected = control.is_some_and(|c| c.connected_at.is_some());
             let how = match end {
                 GuestEnd::Reset => "reset",
-                GuestEnd::Shutdown => "powered off or triple-faulted",
+                GuestEnd::Shutdown => "triple-faulted (or halted)",
                 GuestEnd::Error(_) => "failed",
             };
             let why = if connected {
