@@ -536,7 +536,7 @@ fn conclude(
             (0, None, EndReason::GuestEnded, None)
         }
         (Decision::Guest(GuestEnd::Shutdown), None) if config.command.is_none() => {
-            let why = "the guest crashed: a triple fault or an unexpected halt ended the VM (run with --console to see its kernel log)".to_string();
+            let why = "the guest crashed: it triple-faulted or halted unexpectedly (run with --console to see its kernel log)".to_string();
             (
                 EXIT_VMM_FAILED,
                 None,
