@@ -724,3 +724,196 @@ fn hostile_image_is_refused_and_writes_nothing_outside() {
         "no cache entry from a refused import: {left:?}"
     );
 }
+
+/// What a tree holds, entry by entry: (relative path, description of the entry). Files are described by
+/// mode and full content, links by their target, so equal snapshots mean equal trees.
+fn snapshot(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir") {
+            let p = e.expect("entry").path();
+            let rel = p
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            let m = std::fs::symlink_metadata(&p).expect("lstat");
+            let mode = m.permissions().mode() & 0o7777;
+            let what = if m.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(&p).expect("readlink").display()
+                )
+            } else if m.is_dir() {
+                stack.push(p.clone());
+                format!("dir {mode:o}")
+            } else {
+                let data = std::fs::read(&p).expect("read");
+                // a cheap content digest (FNV-1a) keeps failure messages short
+                let digest = data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+                });
+                format!("file {mode:o} {} bytes {digest:016x}", data.len())
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure can be reproduced.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn copy_in_and_copy_out_round_trip_a_workspace() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("copy");
+    let src = dir.join("src");
+    let long = "d".repeat(60) + "/" + &"e".repeat(60);
+    std::fs::create_dir_all(src.join("sub/empty")).expect("mkdir");
+    std::fs::create_dir_all(src.join(&long)).expect("mkdir");
+    std::fs::write(src.join("sub/a"), noise(3 << 20, 1)).expect("write");
+    std::fs::write(src.join("sub/b"), noise(12345, 2)).expect("write");
+    std::fs::write(src.join(&long).join("f"), b"deep\n").expect("write");
+    std::fs::write(src.join(".wh.not-a-whiteout"), b"kept\n").expect("write");
+    std::fs::write(
+        src.join("build.sh"),
+        "#!/bin/sh\nset -e\ncat sub/a sub/b > out.bin\nmkdir gen\necho made > gen/x\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(src.join("build.sh"), PermissionsExt::from_mode(0o750))
+        .expect("chmod");
+    std::fs::set_permissions(src.join("sub/b"), PermissionsExt::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::symlink("sub/a", src.join("link")).expect("symlink");
+    let before = snapshot(&src);
+
+    let out = dir.join("out");
+    let result = dir.join("result.json");
+    let o = run(vmm().args([
+        "--timeout",
+        "300",
+        "--user",
+        "1000:1000",
+        "--workdir",
+        "/work",
+        "--copy-in",
+        &format!("{}:/work", src.display()),
+        "--copy-out",
+        &format!("/work:{}", out.display()),
+        "--copy-out",
+        &format!("/work/gen/x:{}", out.display()),
+        "--result",
+        result.to_str().expect("utf-8"),
+        "--cmd",
+        "./build.sh && stat -c '%u:%g' sub/a && sha256sum < link",
+    ]));
+    assert_code(&o, 0);
+    let lines: Vec<&str> = o
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .collect();
+    assert_eq!(
+        lines[0], "1000:1000",
+        "copied-in files belong to the command's user"
+    );
+
+    let mut after = snapshot(&out.join("work"));
+    // what the build made, checked, then set aside: the rest is exactly what went in
+    let made = after.remove("out.bin").expect("out.bin came back");
+    let mut joined = noise(3 << 20, 1);
+    joined.extend(noise(12345, 2));
+    let expect_dir = dir.join("expect");
+    std::fs::create_dir_all(&expect_dir).expect("mkdir");
+    std::fs::write(expect_dir.join("out.bin"), &joined).expect("write");
+    let made_mode = made.split(' ').nth(1).expect("mode").to_string();
+    std::fs::set_permissions(
+        expect_dir.join("out.bin"),
+        PermissionsExt::from_mode(u32::from_str_radix(&made_mode, 8).expect("octal")),
+    )
+    .expect("chmod");
+    assert_eq!(snapshot(&expect_dir)["out.bin"], made);
+    assert_eq!(
+        after.remove("gen/x").expect("gen/x").split(' ').nth(2),
+        Some("5")
+    );
+    assert!(after.remove("gen").is_some());
+    assert_eq!(after, before, "the tree that went in came back unchanged");
+    assert_eq!(
+        std::fs::read(out.join("x")).expect("single file"),
+        b"made\n"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).expect("result")).expect("JSON");
+    assert!(json["copy_in_bytes"].as_u64().expect("copy_in_bytes") >= 3 << 20);
+    assert!(json["copy_out_bytes"].as_u64().expect("copy_out_bytes") >= 6 << 20);
+    assert!(json["timings_ms"]["copy_in"].as_f64().is_some());
+    assert_eq!(json["copy_out_errors"].as_array().map(Vec::len), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn copy_out_of_what_the_guest_made_never_writes_outside_the_target() {
+    let dir = scratch_dir("copy-hostile");
+    let out = dir.join("out");
+    let host_passwd = std::fs::read("/etc/passwd").unwrap_or_default();
+    // the command plants links to the outside and odd files; a second stream then names a directory
+    // where the first put a link
+    let o = run_script(
+        "mkdir -p /out /d/out/esc && cd /out && ln -s /etc esc && ln -s /etc/passwd abs \
+         && ln -s ../../.. up && mkfifo fifo && echo x > .wh.abs && echo pwned > /d/out/esc/passwd",
+        &[
+            "--copy-out",
+            &format!("/out:{}", out.display()),
+            "--copy-out",
+            &format!("/d/out:{}", out.display()),
+        ],
+    );
+    assert_code(&o, 0);
+    let got = snapshot(&out.join("out"));
+    assert_eq!(got["abs"], "link -> /etc/passwd");
+    assert_eq!(got["up"], "link -> ../../..");
+    assert!(got[".wh.abs"].starts_with("file "), "{got:?}");
+    assert!(!got.contains_key("fifo"), "FIFOs are left out: {got:?}");
+    // the second stream replaced the link with a real directory, and wrote nothing through it
+    assert!(got["esc"].starts_with("dir "), "{got:?}");
+    assert_eq!(
+        std::fs::read(out.join("out/esc/passwd")).expect("passwd"),
+        b"pwned\n"
+    );
+    assert_eq!(
+        std::fs::read("/etc/passwd").unwrap_or_default(),
+        host_passwd
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_missing_copy_out_fails_a_successful_command_and_keeps_a_failed_ones_status() {
+    let dir = scratch_dir("copy-missing");
+    let out = format!("/no/such/file:{}", dir.join("out").display());
+    let o = run_script("true", &["--copy-out", &out]);
+    assert_code(&o, 125);
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("copy-out of /no/such/file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_script("exit 3", &["--copy-out", &out]);
+    assert_code(&o, 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

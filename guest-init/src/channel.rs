@@ -41,18 +41,7 @@ pub enum Fill {
 
 /// The name of a message's type, for log lines (a payload can be large, and is the host's).
 pub fn message_name(msg: &Message) -> &'static str {
-    match msg {
-        Message::Hello { .. } => "Hello",
-        Message::Milestone { .. } => "Milestone",
-        Message::Run(_) => "Run",
-        Message::Stdin(_) => "Stdin",
-        Message::StdinClosed => "StdinClosed",
-        Message::Signal(_) => "Signal",
-        Message::Stdout(_) => "Stdout",
-        Message::Stderr(_) => "Stderr",
-        Message::Exit(_) => "Exit",
-        Message::Error { .. } => "Error",
-    }
+    msg.name()
 }
 
 pub struct Channel {

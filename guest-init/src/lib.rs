@@ -12,6 +12,7 @@
 //! - `spawn`: starting the command (PATH search, user, working directory, exec errors)
 //! - `reaper`: noticing and reaping exited children
 //! - `relay`: the poll loop between the command's pipes and the connection
+//! - `transfer`: unpacking copy-in streams before the command, packing copy-out streams after it
 //! - `session`: one run request from start to report (runs over any stream socket, so it is tested
 //!   over a Unix socket pair)
 //! - `log`: messages to /dev/kmsg
@@ -30,4 +31,5 @@ pub mod session;
 pub mod spawn;
 pub mod sys;
 pub mod timeline;
+pub mod transfer;
 pub mod vsock;

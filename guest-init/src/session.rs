@@ -1,9 +1,10 @@
 //! One run request, from receiving it to reporting how the command ended, over a connection on which
 //! Hello has been sent. It works over any stream socket, which is how it is tested.
 //!
-//! The host sees, in order: `Milestone(CommandStarted)`, the command's `Stdout`/`Stderr`,
-//! `Milestone(CommandExited)`, `Exit`. Or, when the command could not be started, one `Error`
-//! (NotFound, NotExecutable or Setup) and nothing else.
+//! The host sends `Run`, then one copy-in stream per `copy_in` entry of the request. It sees, in
+//! order: `Milestone(CommandStarted)`, the command's `Stdout`/`Stderr`, `Milestone(CommandExited)`, one
+//! copy-out stream per `copy_out` entry, `Exit`. Or, when the command could not be started (a copy-in
+//! failed included), one `Error` (NotFound, NotExecutable or Setup) and nothing else.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use crate::relay::{self, RelayConfig, RelayError};
 use crate::spawn;
 use crate::sys::{self, describe};
 use crate::timeline::Timeline;
+use crate::transfer::{self, TransferError};
 
 /// Stdin bytes the host may send before the run request (they are held for the command).
 const EARLY_STDIN_LIMIT: usize = 1 << 20;
@@ -66,6 +68,8 @@ pub enum SessionError {
     Send(#[source] io::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
 }
 
 /// Receives the run request, runs the command, relays its I/O, reports its end. On an error after
@@ -75,7 +79,18 @@ pub fn serve(
     timeline: &mut Timeline,
     cfg: &SessionConfig,
 ) -> Result<Outcome, SessionError> {
-    let (req, early) = wait_for_run(chan, cfg.run_timeout)?;
+    let (req, mut early) = wait_for_run(chan, cfg.run_timeout)?;
+    if let Err(failed) = transfer::receive_all(chan, &req.copy_in, (req.uid, req.gid), &mut early)?
+    {
+        let message = failed.to_string();
+        crate::log::error(&message);
+        chan.send(&Message::Error {
+            kind: ErrorKind::Setup,
+            message,
+        })
+        .map_err(SessionError::Send)?;
+        return Ok(Outcome::NotStarted(ErrorKind::Setup));
+    }
     let child = match spawn::spawn(&req) {
         Ok(child) => child,
         Err(e) => {
@@ -106,6 +121,7 @@ pub fn serve(
     };
     timeline.mark_at(Milestone::CommandExited, finished.exited_ns);
     timeline.flush(chan).map_err(SessionError::Send)?;
+    transfer::send_all(chan, &req.copy_out)?;
     chan.send(&Message::Exit(finished.status))
         .map_err(SessionError::Send)?;
     Ok(Outcome::Exited(finished.status))

@@ -28,6 +28,8 @@ fn req(argv: &[&str]) -> RunRequest {
         uid: unsafe { libc::getuid() },
         // SAFETY: as above.
         gid: unsafe { libc::getgid() },
+        copy_in: Vec::new(),
+        copy_out: Vec::new(),
     }
 }
 
@@ -674,4 +676,145 @@ fn pid1_helper() {
     let later = unsafe { libc::waitpid(-1, &mut st, 0) };
     assert!(later > 0);
     assert_eq!(crate::reaper::exit_status(st), Some(ExitStatus::Code(0)));
+}
+
+/// The frames of one copy-in stream: the tar of `dir`'s contents in small chunks, then the end.
+fn copy_in_frames(dir: &std::path::Path) -> Vec<Message> {
+    let mut builder = tar::Builder::new(Vec::new());
+    vmm_protocol::tree::pack(&mut builder, dir, std::path::Path::new("")).unwrap();
+    let bytes = builder.into_inner().unwrap();
+    bytes
+        .chunks(1000)
+        .map(|c| Message::CopyIn(c.to_vec()))
+        .chain([Message::CopyInEnd])
+        .collect()
+}
+
+/// The copy-out streams the host received: Ok(tar bytes) or Err(failure message), in order.
+fn copy_out_streams(r: &Received) -> Vec<Result<Vec<u8>, String>> {
+    let mut streams = Vec::new();
+    let mut cur = Vec::new();
+    for m in r.messages() {
+        match m {
+            Message::CopyOut(d) => cur.extend_from_slice(d),
+            Message::CopyOutEnd => streams.push(Ok(std::mem::take(&mut cur))),
+            Message::CopyOutFailed(why) => {
+                cur.clear();
+                streams.push(Err(why.clone()))
+            }
+            _ => {}
+        }
+    }
+    streams
+}
+
+#[test]
+fn copy_in_lands_before_the_command_and_copy_out_comes_back_before_exit() {
+    let src = temp_path("copy-src");
+    let dest = temp_path("copy-dest");
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/data"), vec![7u8; 100_000]).unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\necho built > out/artifact\n").unwrap();
+    std::fs::set_permissions(src.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("sub/data", src.join("link")).unwrap();
+
+    let mut request = req(&["sh", "-c", "mkdir out && ./run.sh && wc -c < link"]);
+    request.workdir = dest.join("ws").as_os_str().as_encoded_bytes().to_vec();
+    request.copy_in = vec![request.workdir.clone()];
+    let out_path = dest.join("ws/out");
+    request.copy_out = vec![
+        out_path.as_os_str().as_encoded_bytes().to_vec(),
+        b"/no/such/path".to_vec(),
+    ];
+    let mut after = copy_in_frames(&src);
+    after.push(Message::StdinClosed);
+    let r = session(request, after);
+    assert_eq!(r.exit(), ExitStatus::Code(0), "{}", r.stderr_str());
+    assert_eq!(r.stdout_str().trim(), "100000");
+    assert_eq!(
+        std::fs::read_link(dest.join("ws/link")).unwrap(),
+        PathBuf::from("sub/data")
+    );
+
+    let streams = copy_out_streams(&r);
+    assert_eq!(streams.len(), 2, "{streams:?}");
+    let tar_bytes = streams[0].as_ref().unwrap();
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    let mut names = Vec::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        if name == "out/artifact" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            assert_eq!(s, "built\n");
+        }
+        names.push(name);
+    }
+    assert_eq!(names, ["out", "out/artifact"]);
+    let failed = streams[1].as_ref().unwrap_err();
+    assert!(failed.starts_with("/no/such/path: "), "{failed}");
+    // the copy-out streams come after CommandExited and before Exit
+    let kinds: Vec<&str> = r.messages().map(crate::channel::message_name).collect();
+    let exited = r
+        .messages()
+        .position(|m| {
+            matches!(
+                m,
+                Message::Milestone {
+                    milestone: Milestone::CommandExited,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let first_copy = kinds.iter().position(|k| k.starts_with("CopyOut")).unwrap();
+    assert!(exited < first_copy);
+    assert_eq!(kinds.last(), Some(&"Exit"));
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&dest);
+}
+
+#[test]
+fn a_copy_in_that_cannot_land_is_a_setup_error_and_every_stream_is_still_read() {
+    let src = temp_path("copy-src-bad");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let blocker = temp_path("copy-blocker");
+    std::fs::write(&blocker, b"a file, not a directory").unwrap();
+    let mut request = req(&["true"]);
+    request.copy_in = vec![
+        blocker.as_os_str().as_encoded_bytes().to_vec(),
+        b"/tmp".to_vec(),
+    ];
+    let mut after = copy_in_frames(&src);
+    after.extend(copy_in_frames(&src));
+    let r = session(request, after);
+    let (kind, message) = r.error();
+    assert_eq!(kind, ErrorKind::Setup);
+    assert!(message.starts_with("copy-in to "), "{message}");
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_file(&blocker);
+}
+
+#[test]
+fn a_copy_in_stream_broken_by_another_message_ends_the_session() {
+    let mut request = req(&["true"]);
+    request.copy_in = vec![temp_path("copy-broken")
+        .as_os_str()
+        .as_encoded_bytes()
+        .to_vec()];
+    let r = session(
+        request,
+        vec![Message::CopyIn(vec![0; 10]), Message::Hello { version: 2 }],
+    );
+    assert!(
+        matches!(r.result, Err(SessionError::Transfer(_))),
+        "{:?}",
+        r.result.as_ref().map(|_| ())
+    );
+    let _ = std::fs::remove_dir_all(temp_path("copy-broken"));
 }

@@ -538,6 +538,7 @@ mod tests {
             workdir: b"/".to_vec(),
             uid: 0,
             gid: 0,
+            ..RunRequest::default()
         };
         assert!(matches!(spawn(&req), Err(SpawnError::Nul("environment"))));
         req.env.clear();

@@ -9,8 +9,10 @@
 
 use std::io::{self, Read, Write};
 
+pub mod tree;
+
 /// Protocol version sent in [`Message::Hello`]; a host refuses a guest with another version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The vsock port on the host (CID 2) that guest-init connects to.
 pub const CONTROL_PORT: u32 = 1024;
@@ -96,6 +98,14 @@ pub struct RunRequest {
     pub workdir: Vec<u8>,
     pub uid: u32,
     pub gid: u32,
+    /// Guest directories to unpack the host's copy-in streams into, in order: after `Run`, the host
+    /// sends one stream per entry (`CopyIn` chunks of a tar, then `CopyInEnd`), and the command starts
+    /// once every stream is in.
+    pub copy_in: Vec<Vec<u8>>,
+    /// Guest paths to send back once the command has ended, in order: one stream each (`CopyOut`
+    /// chunks of a tar whose single top-level entry is the path's last component, then `CopyOutEnd`,
+    /// or `CopyOutFailed`), before `Exit`.
+    pub copy_out: Vec<Vec<u8>>,
 }
 
 /// How the command ended.
@@ -130,6 +140,16 @@ pub enum Message {
     Exit(ExitStatus),
     /// guest -> host: the command could not be run.
     Error { kind: ErrorKind, message: String },
+    /// host -> guest: the next bytes of the current copy-in tar stream.
+    CopyIn(Vec<u8>),
+    /// host -> guest: the current copy-in stream is complete.
+    CopyInEnd,
+    /// guest -> host: the next bytes of the current copy-out tar stream.
+    CopyOut(Vec<u8>),
+    /// guest -> host: the current copy-out stream is complete.
+    CopyOutEnd,
+    /// guest -> host: the current copy-out path could not be sent (the stream so far is void).
+    CopyOutFailed(String),
 }
 
 mod tag {
@@ -144,6 +164,11 @@ mod tag {
     pub const EXIT_CODE: u8 = 9;
     pub const EXIT_SIGNAL: u8 = 10;
     pub const ERROR: u8 = 11;
+    pub const COPY_IN: u8 = 12;
+    pub const COPY_IN_END: u8 = 13;
+    pub const COPY_OUT: u8 = 14;
+    pub const COPY_OUT_END: u8 = 15;
+    pub const COPY_OUT_FAILED: u8 = 16;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -171,6 +196,28 @@ pub enum ReadError {
 }
 
 impl Message {
+    /// The name of this message's type, for log lines and errors (a payload can be large, and is the
+    /// peer's).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Milestone { .. } => "Milestone",
+            Message::Run(_) => "Run",
+            Message::Stdin(_) => "Stdin",
+            Message::StdinClosed => "StdinClosed",
+            Message::Signal(_) => "Signal",
+            Message::Stdout(_) => "Stdout",
+            Message::Stderr(_) => "Stderr",
+            Message::Exit(_) => "Exit",
+            Message::Error { .. } => "Error",
+            Message::CopyIn(_) => "CopyIn",
+            Message::CopyInEnd => "CopyInEnd",
+            Message::CopyOut(_) => "CopyOut",
+            Message::CopyOutEnd => "CopyOutEnd",
+            Message::CopyOutFailed(_) => "CopyOutFailed",
+        }
+    }
+
     /// The frame of this message: header and payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; HEADER_LEN];
@@ -193,6 +240,8 @@ impl Message {
                 put_bytes(&mut out, &req.workdir);
                 out.extend_from_slice(&req.uid.to_le_bytes());
                 out.extend_from_slice(&req.gid.to_le_bytes());
+                put_list(&mut out, &req.copy_in);
+                put_list(&mut out, &req.copy_out);
                 tag::RUN
             }
             Message::Stdin(data) => {
@@ -224,6 +273,20 @@ impl Message {
                 out.push(*kind as u8);
                 out.extend_from_slice(message.as_bytes());
                 tag::ERROR
+            }
+            Message::CopyIn(data) => {
+                out.extend_from_slice(data);
+                tag::COPY_IN
+            }
+            Message::CopyInEnd => tag::COPY_IN_END,
+            Message::CopyOut(data) => {
+                out.extend_from_slice(data);
+                tag::COPY_OUT
+            }
+            Message::CopyOutEnd => tag::COPY_OUT_END,
+            Message::CopyOutFailed(message) => {
+                out.extend_from_slice(message.as_bytes());
+                tag::COPY_OUT_FAILED
             }
         };
         let len = (out.len() - HEADER_LEN) as u32;
@@ -257,6 +320,8 @@ impl Message {
                 workdir: r.bytes()?,
                 uid: r.u32()?,
                 gid: r.u32()?,
+                copy_in: r.list()?,
+                copy_out: r.list()?,
             }),
             tag::STDIN => Message::Stdin(r.rest()),
             tag::STDIN_CLOSED => Message::StdinClosed,
@@ -272,6 +337,13 @@ impl Message {
                     kind,
                     message: String::from_utf8_lossy(&r.rest()).into_owned(),
                 }
+            }
+            tag::COPY_IN => Message::CopyIn(r.rest()),
+            tag::COPY_IN_END => Message::CopyInEnd,
+            tag::COPY_OUT => Message::CopyOut(r.rest()),
+            tag::COPY_OUT_END => Message::CopyOutEnd,
+            tag::COPY_OUT_FAILED => {
+                Message::CopyOutFailed(String::from_utf8_lossy(&r.rest()).into_owned())
             }
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -419,6 +491,8 @@ mod tests {
                 workdir: b"/work".to_vec(),
                 uid: 1000,
                 gid: 100,
+                copy_in: vec![b"/src".to_vec()],
+                copy_out: vec![b"/src/out".to_vec(), b"/log".to_vec()],
             }),
             Message::Stdin(b"abc".to_vec()),
             Message::StdinClosed,
@@ -431,6 +505,11 @@ mod tests {
                 kind: ErrorKind::NotFound,
                 message: "no such file".into(),
             },
+            Message::CopyIn(vec![7; 3]),
+            Message::CopyInEnd,
+            Message::CopyOut(vec![8; 2]),
+            Message::CopyOutEnd,
+            Message::CopyOutFailed("/out: no such file".into()),
         ]
     }
 

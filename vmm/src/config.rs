@@ -44,6 +44,20 @@ pub enum ConfigError {
     ImageHasNoCommand,
     #[error("give the command either with --cmd or after --, not both")]
     CommandTwice,
+    #[error("--{0} {1:?}: {2}")]
+    Copy(&'static str, String, String),
+    #[error("--copy-in and --copy-out need a command (--cmd, after --, or the image's)")]
+    CopyWithoutCommand,
+}
+
+/// What to copy in before the command and out after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transfers {
+    /// (host directory, guest directory): the host directory's contents land in the guest directory.
+    pub copy_in: Vec<(PathBuf, String)>,
+    /// (guest path, host directory): the guest file or directory lands in the host directory, under
+    /// its own name.
+    pub copy_out: Vec<(String, PathBuf)>,
 }
 
 /// How the kernel image is laid out, which decides how it is loaded and entered.
@@ -64,6 +78,7 @@ pub struct CommandSpec {
     pub workdir: String,
     pub uid: u32,
     pub gid: u32,
+    pub transfers: Transfers,
 }
 
 /// A validated description of one VM and the command it runs.
@@ -106,6 +121,10 @@ pub struct RawArgs {
     pub result: Option<PathBuf>,
     pub trace: Option<PathBuf>,
     pub scratch: Option<String>,
+    /// `HOST_DIR:GUEST_DIR`, repeatable.
+    pub copy_in: Vec<String>,
+    /// `GUEST_PATH:HOST_DIR`, repeatable.
+    pub copy_out: Vec<String>,
     pub allow_slow_host: bool,
     /// The config of the container image the rootfs came from (`--image`): its Env, WorkingDir,
     /// Entrypoint and Cmd apply as `docker run` applies them, flags override.
@@ -172,7 +191,22 @@ impl TryFrom<RawArgs> for VmConfig {
             }
             (None, true) => None,
         };
+        let transfers = Transfers {
+            copy_in: raw
+                .copy_in
+                .iter()
+                .map(|s| parse_copy_in(s))
+                .collect::<Result<_, _>>()?,
+            copy_out: raw
+                .copy_out
+                .iter()
+                .map(|s| parse_copy_out(s))
+                .collect::<Result<_, _>>()?,
+        };
         let command = match argv {
+            None if transfers != Transfers::default() => {
+                return Err(ConfigError::CopyWithoutCommand)
+            }
             None => None,
             Some(argv) => {
                 // the image's Env first, then --env; a later KEY replaces an earlier one
@@ -209,6 +243,7 @@ impl TryFrom<RawArgs> for VmConfig {
                     workdir,
                     uid,
                     gid,
+                    transfers,
                 })
             }
         };
@@ -285,6 +320,53 @@ fn parse_env(entry: &str) -> Result<(String, String), ConfigError> {
         }
         _ => Err(ConfigError::Env(entry.to_string())),
     }
+}
+
+/// `HOST_DIR:GUEST_DIR` (split at the last colon: guest paths are ours to keep simple, host paths
+/// are not): an existing host directory and an absolute guest path.
+fn parse_copy_in(spec: &str) -> Result<(PathBuf, String), ConfigError> {
+    let bad = |why: &str| ConfigError::Copy("copy-in", spec.to_string(), why.to_string());
+    let (host, guest) = spec
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST_DIR:GUEST_DIR"))?;
+    check_guest_path(guest).map_err(|why| bad(&why))?;
+    match std::fs::metadata(host) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad(&format!("{host} is not a directory"))),
+        Err(e) => return Err(bad(&format!("{host}: {e}"))),
+    }
+    Ok((PathBuf::from(host), guest.to_string()))
+}
+
+/// `GUEST_PATH:HOST_DIR` (split at the first colon): a guest path with a name of its own, and a host
+/// directory that is one or can be made one.
+fn parse_copy_out(spec: &str) -> Result<(String, PathBuf), ConfigError> {
+    let bad = |why: &str| ConfigError::Copy("copy-out", spec.to_string(), why.to_string());
+    let (guest, host) = spec
+        .split_once(':')
+        .ok_or_else(|| bad("expected GUEST_PATH:HOST_DIR"))?;
+    check_guest_path(guest).map_err(|why| bad(&why))?;
+    if Path::new(guest).file_name().is_none() {
+        return Err(bad("GUEST_PATH must name a file or directory below /"));
+    }
+    if host.is_empty() || host.contains('\0') {
+        return Err(bad("expected GUEST_PATH:HOST_DIR"));
+    }
+    match std::fs::metadata(host) {
+        Ok(m) if !m.is_dir() => return Err(bad(&format!("{host} is not a directory"))),
+        _ => {}
+    }
+    Ok((guest.to_string(), PathBuf::from(host)))
+}
+
+fn check_guest_path(guest: &str) -> Result<(), String> {
+    if !guest.starts_with('/') {
+        return Err(format!("the guest path {guest:?} must be absolute"));
+    }
+    if guest.contains('\0') {
+        return Err("the guest path has a NUL byte".into());
+    }
+    Ok(())
 }
 
 fn parse_user(user: &str) -> Result<(u32, u32), ConfigError> {
@@ -598,5 +680,56 @@ mod tests {
         assert_eq!(classify_kvm("flags : svm\n", true), KvmFlavour::Hardware);
         assert_eq!(classify_kvm(plain, true), KvmFlavour::Pvm);
         assert_eq!(classify_kvm(plain, false), KvmFlavour::Unknown);
+    }
+
+    #[test]
+    fn copy_in_and_copy_out_are_parsed_and_checked() {
+        let dir = std::env::temp_dir();
+        let d = dir.display().to_string();
+        let mut r = raw();
+        r.cmd = Some("make".into());
+        r.copy_in = vec![format!("{d}:/src")];
+        r.copy_out = vec![format!("/src/out:{d}/artifacts"), "/log.txt:rel".into()];
+        let c = VmConfig::try_from(r).unwrap();
+        let t = &c.command.unwrap().transfers;
+        assert_eq!(t.copy_in, [(dir.clone(), "/src".to_string())]);
+        assert_eq!(
+            t.copy_out,
+            [
+                ("/src/out".to_string(), dir.join("artifacts")),
+                ("/log.txt".to_string(), PathBuf::from("rel"))
+            ]
+        );
+
+        let refused = |copy_in: &[String], copy_out: &[String], cmd: bool| {
+            let mut r = raw();
+            r.cmd = cmd.then(|| "true".to_string());
+            r.copy_in = copy_in.to_vec();
+            r.copy_out = copy_out.to_vec();
+            VmConfig::try_from(r).unwrap_err().to_string()
+        };
+        let file = elf().display().to_string();
+        let bad_in = [
+            ("/no/such/dir:/src".to_string(), "/no/such/dir"),
+            (format!("{file}:/src"), "is not a directory"),
+            (format!("{d}:src"), "must be absolute"),
+            (d.clone(), "expected HOST_DIR:GUEST_DIR"),
+        ];
+        for (spec, want) in bad_in {
+            let e = refused(&[spec], &[], true);
+            assert!(e.contains(want), "{e}");
+        }
+        let bad_out = [
+            ("/:out".to_string(), "must name a file or directory"),
+            ("out:/x".to_string(), "must be absolute"),
+            ("/out:".to_string(), "expected GUEST_PATH:HOST_DIR"),
+            (format!("/out:{file}"), "is not a directory"),
+        ];
+        for (spec, want) in bad_out {
+            let e = refused(&[], &[spec], true);
+            assert!(e.contains(want), "{e}");
+        }
+        let e = refused(&[], &["/out:x".to_string()], false);
+        assert!(e.contains("need a command"), "{e}");
     }
 }

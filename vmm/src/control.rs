@@ -15,6 +15,9 @@ use vmm_protocol::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::Transfers;
+use crate::transfer::CopyOutError;
+
 /// How the conversation with guest-init ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -24,6 +27,8 @@ pub enum Outcome {
     Failed(ErrorKind, String),
     /// The guest broke the protocol or closed the channel early.
     Protocol(String),
+    /// A copy-in could not be sent (reading the host directory failed).
+    CopyIn(String),
 }
 
 /// What the control channel learnt, read by the main thread at teardown.
@@ -36,6 +41,13 @@ pub struct ControlState {
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
     pub stdin_bytes: u64,
+    /// Bytes of file data copied in and out, and when each direction began and ended.
+    pub copy_in_bytes: u64,
+    pub copy_out_bytes: u64,
+    pub copy_in_span: Option<(Instant, Instant)>,
+    pub copy_out_span: Option<(Instant, Instant)>,
+    /// One line per copy-out that failed (the run goes on).
+    pub copy_out_errors: Vec<String>,
 }
 
 /// Sends frames to the guest from several threads (stdin pump, signal forwarding).
@@ -69,6 +81,7 @@ pub struct Control {
 pub fn start(
     connections: Receiver<UnixStream>,
     request: RunRequest,
+    transfers: Transfers,
     stdin: Box<dyn Read + Send>,
 ) -> std::io::Result<Control> {
     let state = Arc::new(Mutex::new(ControlState::default()));
@@ -81,7 +94,7 @@ pub fn start(
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                let outcome = converse(&connections, request, stdin, &state, &writer);
+                let outcome = converse(&connections, request, &transfers, stdin, &state, &writer);
                 lock(&state).outcome = Some(outcome);
                 // if the write fails the counter is saturated and the loop is awake anyway
                 let _ = done.write(1);
@@ -102,6 +115,7 @@ fn lock(state: &Mutex<ControlState>) -> std::sync::MutexGuard<'_, ControlState> 
 fn converse(
     connections: &Receiver<UnixStream>,
     request: RunRequest,
+    transfers: &Transfers,
     stdin: Box<dyn Read + Send>,
     state: &Mutex<ControlState>,
     writer: &ControlWriter,
@@ -117,7 +131,7 @@ fn converse(
                 "guest-init speaks protocol version {version}, vmm speaks {VERSION}"
             ))
         }
-        Ok(other) => return Outcome::Protocol(format!("expected Hello, got {other:?}")),
+        Ok(other) => return Outcome::Protocol(format!("expected Hello, got {}", other.name())),
         Err(e) => return Outcome::Protocol(format!("before Hello: {e}")),
     }
     match stream.try_clone() {
@@ -127,10 +141,26 @@ fn converse(
     if let Err(e) = writer.send(&Message::Run(request)) {
         return Outcome::Protocol(format!("sending the run request: {e}"));
     }
+    if !transfers.copy_in.is_empty() {
+        let started = Instant::now();
+        for (host_dir, guest_dir) in &transfers.copy_in {
+            match crate::transfer::send_copy_in(host_dir, &mut |m| writer.send(&m)) {
+                Ok(bytes) => lock(state).copy_in_bytes += bytes,
+                Err(e) => {
+                    return Outcome::CopyIn(format!(
+                        "copy-in of {} to {guest_dir}: {e}",
+                        host_dir.display()
+                    ))
+                }
+            }
+        }
+        lock(state).copy_in_span = Some((started, Instant::now()));
+    }
     start_stdin_pump(stdin, writer.clone());
 
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
+    let mut copied_out = 0;
     loop {
         match Message::read_from(&mut stream) {
             Ok(Message::Stdout(data)) => {
@@ -150,10 +180,41 @@ fn converse(
                     .milestones
                     .push((milestone, boottime_ns, Instant::now()));
             }
-            Ok(Message::Exit(status)) => return Outcome::Exited(status),
+            Ok(first @ (Message::CopyOut(_) | Message::CopyOutEnd | Message::CopyOutFailed(_))) => {
+                let Some((guest_path, host_dir)) = transfers.copy_out.get(copied_out) else {
+                    return Outcome::Protocol(
+                        "the guest sent a copy-out stream nobody asked for".into(),
+                    );
+                };
+                copied_out += 1;
+                let started = Instant::now();
+                let received =
+                    crate::transfer::receive_copy_out(first, &mut stream, guest_path, host_dir);
+                let mut st = lock(state);
+                let first_start = st.copy_out_span.map_or(started, |(s, _)| s);
+                st.copy_out_span = Some((first_start, Instant::now()));
+                match received {
+                    Ok(bytes) => st.copy_out_bytes += bytes,
+                    Err(CopyOutError::Failed(why)) => st
+                        .copy_out_errors
+                        .push(format!("copy-out of {guest_path}: {why}")),
+                    Err(CopyOutError::Protocol(why)) => return Outcome::Protocol(why),
+                }
+            }
+            Ok(Message::Exit(status)) => {
+                let mut st = lock(state);
+                for (guest_path, _) in transfers.copy_out.iter().skip(copied_out) {
+                    st.copy_out_errors
+                        .push(format!("copy-out of {guest_path}: the guest sent nothing"));
+                }
+                return Outcome::Exited(status);
+            }
             Ok(Message::Error { kind, message }) => return Outcome::Failed(kind, message),
             Ok(other) => {
-                return Outcome::Protocol(format!("unexpected frame from the guest: {other:?}"))
+                return Outcome::Protocol(format!(
+                    "unexpected frame from the guest: {}",
+                    other.name()
+                ))
             }
             Err(ReadError::Closed) => {
                 return Outcome::Protocol("guest-init closed the control channel".into())

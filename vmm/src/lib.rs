@@ -14,4 +14,5 @@ pub mod result;
 pub mod runner;
 pub mod timeline;
 pub mod trace;
+pub mod transfer;
 pub mod vcpu;

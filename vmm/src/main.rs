@@ -73,6 +73,14 @@ struct Cli {
     /// layer and /tmp, instead of a tmpfs in guest memory
     #[arg(long, value_name = "SIZE")]
     scratch: Option<String>,
+    /// Copy the contents of HOST_DIR into GUEST_DIR (created if missing, owned by the command's user)
+    /// before the command starts (repeatable)
+    #[arg(long = "copy-in", value_name = "HOST_DIR:GUEST_DIR")]
+    copy_in: Vec<String>,
+    /// Copy GUEST_PATH (a file or directory) into HOST_DIR (created if missing) after the command ends
+    /// (repeatable); if one fails and the command succeeded, vmm exits 125
+    #[arg(long = "copy-out", value_name = "GUEST_PATH:HOST_DIR")]
+    copy_out: Vec<String>,
     /// Write a timeline of the run (host phases, guest milestones, exits) as Chrome trace-event JSON
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -167,6 +175,8 @@ fn main() -> ExitCode {
         result: cli.result,
         trace: cli.trace,
         scratch: cli.scratch,
+        copy_in: cli.copy_in,
+        copy_out: cli.copy_out,
         allow_slow_host: cli.allow_slow_host,
         image,
         user_ids,

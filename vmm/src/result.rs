@@ -29,6 +29,8 @@ pub enum EndReason {
     Timeout,
     /// `vmm` was told to stop.
     Signal(i32),
+    /// `vmm` itself failed during the run (a copy-in could not be read).
+    VmmFailed(String),
 }
 
 /// The outcome of a run.
@@ -43,6 +45,11 @@ pub struct RunResult {
     pub timings_ms: Timings,
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
+    /// Bytes of file data copied in (`--copy-in`) and out (`--copy-out`).
+    pub copy_in_bytes: u64,
+    pub copy_out_bytes: u64,
+    /// One line per `--copy-out` that did not arrive.
+    pub copy_out_errors: Vec<String>,
     pub block_bytes_read: u64,
     pub vsock_bytes_to_host: u64,
     pub vsock_bytes_to_guest: u64,
@@ -74,6 +81,10 @@ pub struct Timings {
     /// The end of the VM to vmm's exit.
     pub teardown: f64,
     pub total: f64,
+    /// Sending every `--copy-in` (part of `boot`: the command starts after it).
+    pub copy_in: Option<f64>,
+    /// Receiving every `--copy-out` (after the command, before the VM ends).
+    pub copy_out: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -238,6 +238,18 @@ fn run_request(spec: &crate::config::CommandSpec) -> RunRequest {
         workdir: spec.workdir.as_bytes().to_vec(),
         uid: spec.uid,
         gid: spec.gid,
+        copy_in: spec
+            .transfers
+            .copy_in
+            .iter()
+            .map(|(_, guest)| guest.as_bytes().to_vec())
+            .collect(),
+        copy_out: spec
+            .transfers
+            .copy_out
+            .iter()
+            .map(|(guest, _)| guest.as_bytes().to_vec())
+            .collect(),
     }
 }
 
@@ -250,8 +262,13 @@ pub fn run(
     let vm: Vm = builder::build(config, crate::initramfs::GUEST_INIT, &mut timeline)?;
     let control: Option<Control> = match &config.command {
         Some(spec) => Some(
-            control::start(vm.control, run_request(spec), Box::new(std::io::stdin()))
-                .map_err(RunError::Thread)?,
+            control::start(
+                vm.control,
+                run_request(spec),
+                spec.transfers.clone(),
+                Box::new(std::io::stdin()),
+            )
+            .map_err(RunError::Thread)?,
         ),
         None => {
             drop(vm.control);
@@ -366,6 +383,8 @@ pub fn run(
             .map(|(s, e)| ms(e.saturating_duration_since(s))),
         teardown: ms(ended_at.elapsed()),
         total: ms(start.elapsed()),
+        copy_in: state.copy_in_span.map(|(s, e)| ms(e - s)),
+        copy_out: state.copy_out_span.map(|(s, e)| ms(e - s)),
     };
     let result = RunResult {
         exit_code,
@@ -375,6 +394,9 @@ pub fn run(
         timings_ms: timings,
         stdout_bytes: state.stdout_bytes,
         stderr_bytes: state.stderr_bytes,
+        copy_in_bytes: state.copy_in_bytes,
+        copy_out_bytes: state.copy_out_bytes,
+        copy_out_errors: state.copy_out_errors.clone(),
         block_bytes_read: block.bytes_read,
         vsock_bytes_to_host: to_host,
         vsock_bytes_to_guest: to_guest,
@@ -395,6 +417,13 @@ pub fn run(
             first_run,
             vm_ended: ended_at,
             guest_stamps,
+            host_spans: [
+                ("copy-in", state.copy_in_span),
+                ("copy-out", state.copy_out_span),
+            ]
+            .into_iter()
+            .filter_map(|(name, span)| span.map(|(s, e)| (name.to_string(), s, e)))
+            .collect(),
             printk: printk.lines(),
             result: &result,
         });
@@ -487,13 +516,24 @@ fn conclude(
                 ExitStatus::Code(c) => CommandStatus::Code(c),
                 ExitStatus::Signal(n) => CommandStatus::Signal(n),
             };
-            (
-                exit_code_of(status),
-                Some(s),
-                EndReason::CommandExited,
-                None,
-            )
+            let copy_errors = control.map(|c| c.copy_out_errors.join("; "));
+            match (exit_code_of(status), copy_errors) {
+                // the command succeeded but its artifacts did not all arrive: not a success
+                (0, Some(errors)) if !errors.is_empty() => (
+                    EXIT_VMM_FAILED,
+                    Some(s),
+                    EndReason::CommandExited,
+                    Some(errors),
+                ),
+                (code, _) => (code, Some(s), EndReason::CommandExited, None),
+            }
         }
+        (_, Some(Outcome::CopyIn(message))) => (
+            EXIT_VMM_FAILED,
+            None,
+            EndReason::VmmFailed(message.clone()),
+            Some(message),
+        ),
         (_, Some(Outcome::Failed(kind, message))) => (
             exit_code_of_error(kind),
             None,
@@ -613,8 +653,14 @@ mod tests {
             workdir: "/w".into(),
             uid: 1000,
             gid: 1000,
+            transfers: crate::config::Transfers {
+                copy_in: vec![("/host/src".into(), "/src".into())],
+                copy_out: vec![("/src/out".into(), "/host/out".into())],
+            },
         };
         let req = run_request(&spec);
+        assert_eq!(req.copy_in, [b"/src".to_vec()]);
+        assert_eq!(req.copy_out, [b"/src/out".to_vec()]);
         let env: Vec<String> = req
             .env
             .iter()

@@ -20,6 +20,8 @@ pub struct TraceInput<'a> {
     pub host_marks: &'a [(String, Duration)],
     pub first_run: Option<Instant>,
     pub vm_ended: Instant,
+    /// Host work beside the phases (copy-in, copy-out), as (name, start, end), on the control thread.
+    pub host_spans: Vec<(String, Instant, Instant)>,
     /// Guest milestones as (name, host time).
     pub guest_stamps: Vec<(String, Instant)>,
     /// Kernel log lines with their printk time (seconds since the kernel started).
@@ -56,6 +58,13 @@ pub fn build(input: &TraceInput) -> Value {
         "ts": at(input.vm_ended), "dur": (total - at(input.vm_ended)).max(0.0),
     }));
 
+    for (name, s, e) in &input.host_spans {
+        events.push(json!({
+            "name": name, "cat": "host", "ph": "X", "pid": HOST_PID, "tid": 2,
+            "ts": at(*s), "dur": us(e.saturating_duration_since(*s)),
+        }));
+    }
+
     if let Some(first_run) = input.first_run {
         events.push(json!({
             "name": "guest running", "cat": "guest", "ph": "X", "pid": GUEST_PID, "tid": 1,
@@ -90,6 +99,8 @@ pub fn build(input: &TraceInput) -> Value {
         "virtio-vsock to guest": r.vsock_bytes_to_guest,
         "stdout": r.stdout_bytes,
         "stderr": r.stderr_bytes,
+        "copy-in": r.copy_in_bytes,
+        "copy-out": r.copy_out_bytes,
     });
     let end_ts = at(input.vm_ended);
     events.push(json!({"name": "vm exits", "ph": "C", "pid": HOST_PID, "tid": 1, "ts": end_ts, "args": exits}));
@@ -165,6 +176,9 @@ mod tests {
             timings_ms: Timings::default(),
             stdout_bytes: 1,
             stderr_bytes: 2,
+            copy_in_bytes: 0,
+            copy_out_bytes: 0,
+            copy_out_errors: Vec::new(),
             block_bytes_read: 3,
             vsock_bytes_to_host: 4,
             vsock_bytes_to_guest: 5,
@@ -205,6 +219,7 @@ mod tests {
             first_run: Some(start + Duration::from_millis(1)),
             vm_ended: start + Duration::from_millis(50),
             guest_stamps: vec![("init started".into(), start + Duration::from_millis(20))],
+            host_spans: vec![("copy-in".into(), start, start + Duration::from_millis(1))],
             printk: &[(0.01, "Run /init".into())],
             result: &r,
         });

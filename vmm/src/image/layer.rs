@@ -206,6 +206,10 @@ pub(crate) struct Extractor {
     pub(crate) bytes: u64,
     chown: bool,
     chown_noted: bool,
+    /// apply OCI whiteouts (image layers); otherwise `.wh.*` are ordinary names
+    whiteouts: bool,
+    /// apply the root directory's own entry (mode, owner, time) to the root
+    root_meta: bool,
     specials: u64,
     unknown: u64,
     xattr_failures: u64,
@@ -233,6 +237,8 @@ impl Extractor {
             bytes: 0,
             chown: true,
             chown_noted: false,
+            whiteouts: true,
+            root_meta: true,
             specials: 0,
             unknown: 0,
             xattr_failures: 0,
@@ -241,6 +247,19 @@ impl Extractor {
             checked_parent: None,
             buf: vec![0u8; 256 << 10],
         })
+    }
+
+    /// An extractor for a guest's copy-out stream into `root` (an existing directory that may hold
+    /// files already, which entries replace): no whiteouts, files belong to the user running vmm, the
+    /// root directory's own entry is ignored, and the whole free space (less a reserve) may be used.
+    pub(crate) fn for_copy_out(root: &Path, src: &str, max_total: u64) -> Result<Self, ImageError> {
+        let mut ex = Extractor::new(root, src, max_total)?;
+        ex.space_budget = ex.space_avail.saturating_sub(SPACE_RESERVE);
+        ex.chown = false;
+        ex.chown_noted = true;
+        ex.whiteouts = false;
+        ex.root_meta = false;
+        Ok(ex)
     }
 
     /// Applies one layer read from `input` (an uncompressed tar stream; `known_len` its length when
@@ -386,7 +405,7 @@ impl Extractor {
             kind = tar::EntryType::Directory;
         }
 
-        if let Some(name) = rel.file_name() {
+        if let Some(name) = rel.file_name().filter(|_| self.whiteouts) {
             if name.as_bytes().starts_with(b".wh.") {
                 drain(&mut entry, &mut self.buf)
                     .map_err(|e| self.read_error(label, &raw_path, e, budget))?;
@@ -623,6 +642,9 @@ impl Extractor {
         layer: &mut LayerState,
     ) -> Result<(), ImageError> {
         let abs = if rel.as_os_str().is_empty() {
+            if !self.root_meta {
+                return Ok(());
+            }
             self.root.clone()
         } else {
             let Some(abs) = self.checked_path(rel, raw, true, layer)? else {

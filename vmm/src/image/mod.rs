@@ -23,7 +23,7 @@
 
 mod error;
 mod ext4;
-mod layer;
+pub(crate) mod layer;
 mod source;
 mod tree;
 mod user;
