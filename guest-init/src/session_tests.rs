@@ -818,3 +818,28 @@ fn a_copy_in_stream_broken_by_another_message_ends_the_session() {
     );
     let _ = std::fs::remove_dir_all(temp_path("copy-broken"));
 }
+
+#[test]
+fn a_copy_in_entry_that_cannot_be_written_names_the_entry_and_the_cause() {
+    let src = temp_path("copy-src-cause");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/f"), b"x").unwrap();
+    let dest = temp_path("copy-dest-cause");
+    let _ = std::fs::remove_dir_all(&dest);
+    // `sub` exists in the target as a file: the tar's directory cannot replace it
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(dest.join("sub"), b"in the way").unwrap();
+    let mut request = req(&["true"]);
+    request.copy_in = vec![dest.as_os_str().as_encoded_bytes().to_vec()];
+    let r = session(request, copy_in_frames(&src));
+    let (kind, message) = r.error();
+    assert_eq!(kind, ErrorKind::Setup);
+    assert!(message.contains("`sub"), "{message}");
+    assert!(
+        message.contains("File exists") || message.contains("Not a directory"),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&dest);
+}

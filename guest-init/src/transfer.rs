@@ -94,7 +94,12 @@ fn unpack(input: &mut impl Read, dest: &Path, owner: (u32, u32)) -> Result<(), S
         match entry.unpack_in(dest) {
             Ok(true) => {}
             Ok(false) => return Err(format!("`{shown}` would land outside the target")),
-            Err(e) => return Err(format!("`{shown}`: {}", describe(&e))),
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                return Err(format!(
+                    "`{shown}`: the VM's writable layer is full (give it room with --scratch SIZE)"
+                ))
+            }
+            Err(e) => return Err(format!("`{shown}`: {}", describe_tar(&e))),
         }
         let at = dest.join(&rel);
         if at != dest {
@@ -105,18 +110,31 @@ fn unpack(input: &mut impl Read, dest: &Path, owner: (u32, u32)) -> Result<(), S
     Ok(())
 }
 
+/// The tar crate's error and its cause (it wraps the OS error in a message of its own).
+fn describe_tar(e: &io::Error) -> String {
+    let outer = describe(e);
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{outer}: {cause}"),
+        None => outer,
+    }
+}
+
 /// `mkdir -p dest`, the directories it creates owned by `owner`.
 fn create_owned_dirs(dest: &Path, owner: (u32, u32)) -> io::Result<()> {
+    match fs::metadata(dest) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ))
+        }
+        Err(_) => {}
+    }
     let missing: Vec<&Path> = dest.ancestors().take_while(|p| !p.exists()).collect();
     fs::create_dir_all(dest)?;
     for dir in missing {
         std::os::unix::fs::lchown(dir, Some(owner.0), Some(owner.1))?;
-    }
-    if !dest.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "exists and is not a directory",
-        ));
     }
     Ok(())
 }
