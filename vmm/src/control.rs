@@ -94,6 +94,7 @@ pub fn start(
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::Control);
                 let outcome = converse(&connections, request, &transfers, stdin, &state, &writer);
                 lock(&state).outcome = Some(outcome);
                 // if the write fails the counter is saturated and the loop is awake anyway
@@ -230,6 +231,7 @@ fn start_stdin_pump(mut stdin: Box<dyn Read + Send>, writer: ControlWriter) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::Stdin);
             let mut buf = vec![0u8; MAX_CHUNK];
             loop {
                 match stdin.read(&mut buf) {

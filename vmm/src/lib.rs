@@ -12,6 +12,7 @@ pub mod image;
 pub mod initramfs;
 pub mod result;
 pub mod runner;
+pub mod seccomp;
 pub mod timeline;
 pub mod trace;
 pub mod transfer;

@@ -9,6 +9,7 @@ use vmm::config::{cache_dir, detect_kvm_flavour, KvmFlavour, RawArgs, VmConfig};
 use vmm::image::{Image, ImageError, ImageStore};
 use vmm::result::EXIT_VMM_FAILED;
 use vmm::runner;
+use vmm::seccomp::Mode;
 use vmm::timeline::Timeline;
 
 /// Run a command in a fresh microVM and exit with its status.
@@ -87,6 +88,10 @@ struct Cli {
     /// Go ahead on a host whose /dev/kvm cannot run a standard kernel at a useful speed (PVM)
     #[arg(long)]
     allow_slow_host: bool,
+    /// What vmm's seccomp filters do with a system call a thread has no business making: `trap` stops
+    /// it and vmm (exit 125, one line), `kill` has the kernel kill vmm, `log` lets it run and logs it
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Mode::Trap)]
+    seccomp: Mode,
     /// Program and arguments to run without a shell
     #[arg(last = true, value_name = "PROGRAM")]
     argv: Vec<String>,
@@ -134,6 +139,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Image(cmd)) = &cli.command {
         return image_command(cmd, store);
+    }
+    if let Err(e) = vmm::seccomp::configure(cli.seccomp) {
+        return fail(&e.to_string());
     }
     let (mut rootfs, mut image, mut user_ids) = (cli.rootfs, None, None);
     if let Some(src) = &cli.image {

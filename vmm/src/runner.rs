@@ -41,6 +41,8 @@ pub enum RunError {
     Timer(vmm_sys_util::errno::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Blocks the signals the event loop takes through a signalfd. Call before any thread starts, so every
@@ -321,6 +323,7 @@ pub fn run(
                 .map_err(RunError::Thread)?,
         );
     }
+    crate::seccomp::apply(crate::seccomp::Thread::Vmm)?;
     timeline.mark("vcpus started");
 
     let decision = loop {

@@ -117,7 +117,10 @@ pub fn spawn(
     let thread_counts = counts.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
-        .spawn(move || run_loop(&mut vcpu, &io, &end, &stop, &thread_counts))?;
+        .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::Vcpu);
+            run_loop(&mut vcpu, &io, &end, &stop, &thread_counts)
+        })?;
     Ok(VcpuHandle { thread, counts })
 }
 

@@ -1,0 +1,645 @@
+//! Seccomp filters for vmm's threads: one allowlist per kind of thread, installed by each thread itself
+//! once the VM is set up (KVM file descriptors, guest memory, devices and vCPUs exist before any filter).
+//!
+//! | thread | what it does after set-up | what its filter adds to [`common`] |
+//! | --- | --- | --- |
+//! | `vmm` (main) | event loop: virtio queues (block I/O, vsock), signals, timers, vCPU kicks, teardown, result and trace files | epoll, timerfd, file and socket I/O, `socketpair(AF_UNIX)`, `tgkill(SIGRTMIN)`, opening files |
+//! | `vcpu` | `KVM_RUN`, port and MMIO exits to the devices | `ioctl(KVM_RUN)` only, eventfd writes, `shutdown` (a vsock reset) |
+//! | `control` | the guest-init protocol, stdout/stderr, file copies in and out of the VM, starting the stdin thread | socket I/O, ordinary file-system calls, threads (not processes) |
+//! | `stdin` | our stdin to the command | reads and socket sends |
+//!
+//! The lists come from reading the code and the crates it calls, and from `strace -f` of vmm on every path
+//! (command with output, stdin, closed stdout, 20 MB of output, `--timeout`, forwarded and repeated
+//! signals, `--console`, `--scratch`, `--vcpus 2`, `--trace`, `--result`, `--image`, boot-only, a command
+//! that is not found). Arguments are checked where that closes a door without guessing: ioctl request
+//! numbers, no executable mappings, futex operations, signals only to ourselves, `clone` only for threads.
+//!
+//! What happens on a call outside the list is the [`Mode`] (`--seccomp`). The default, `trap`, never
+//! runs the call: the kernel raises SIGSYS, whose handler writes one line naming the thread and the call
+//! and ends vmm with status 125 (vmm failed), as Firecracker does. `kill` is the kernel's
+//! SECCOMP_RET_KILL_PROCESS: no handler, vmm dies of SIGSYS (status 159, which a caller cannot tell from
+//! a command killed by signal 31). `log` lets the call run and has the kernel log it (for finding what a
+//! new kernel or libc needs); `off` installs nothing.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::result::EXIT_VMM_FAILED;
+
+/// What a filter does with a system call that its thread's list does not allow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The call does not run; vmm names it on stderr and exits 125 (SECCOMP_RET_TRAP and a SIGSYS handler)
+    #[default]
+    Trap,
+    /// The call does not run; the kernel kills vmm with SIGSYS, without a word (SECCOMP_RET_KILL_PROCESS)
+    Kill,
+    /// The call runs and the kernel logs it (SECCOMP_RET_LOG): for finding what a host needs
+    Log,
+    /// No filters
+    Off,
+}
+
+impl Mode {
+    fn action(self) -> Option<SeccompAction> {
+        match self {
+            Mode::Trap => Some(SeccompAction::Trap),
+            Mode::Kill => Some(SeccompAction::KillProcess),
+            Mode::Log => Some(SeccompAction::Log),
+            Mode::Off => None,
+        }
+    }
+}
+
+/// The kinds of thread vmm runs; each has its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thread {
+    /// The main thread: the event loop that serves the devices, then the teardown.
+    Vmm,
+    /// A vCPU thread.
+    Vcpu,
+    /// The control channel to guest-init.
+    Control,
+    /// The pump from our stdin to the command.
+    Stdin,
+}
+
+impl Thread {
+    const ALL: [Thread; 4] = [Thread::Vmm, Thread::Vcpu, Thread::Control, Thread::Stdin];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Thread::Vmm => "vmm",
+            Thread::Vcpu => "vcpu",
+            Thread::Control => "control",
+            Thread::Stdin => "stdin",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the seccomp filter of the {0} thread: {1}")]
+    Build(&'static str, seccompiler::BackendError),
+    #[error(
+        "this kernel cannot filter system calls with seccomp ({0}); run vmm on a kernel with \
+         CONFIG_SECCOMP_FILTER, or pass --seccomp off to go ahead without filters"
+    )]
+    Unsupported(std::io::Error),
+    #[error("cannot install the SIGSYS handler that reports disallowed system calls: {0}")]
+    Handler(std::io::Error),
+    #[error("cannot install the seccomp filter of the {0} thread: {1}")]
+    Install(&'static str, seccompiler::Error),
+}
+
+/// The compiled filters of every thread kind, for one mode.
+struct Filters {
+    mode: Mode,
+    /// Per [`Thread`], the programs to install, in order (empty with `--seccomp off`).
+    programs: [Vec<BpfProgram>; 4],
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Compiles every thread's filter for `mode`, checks that the kernel can enforce them and installs the
+/// SIGSYS handler of `trap`. Call once, early in `main`, before any thread starts; the first call wins.
+pub fn configure(mode: Mode) -> Result<(), SeccompError> {
+    if FILTERS.get().is_some() {
+        return Ok(());
+    }
+    let filters = compile(mode)?;
+    if let Some(action) = mode.action() {
+        check_kernel_support(action)?;
+    }
+    if mode == Mode::Trap {
+        install_sigsys_handler()?;
+    }
+    let _ = FILTERS.set(filters);
+    Ok(())
+}
+
+/// Installs the filter of `thread` on the calling thread. Without a [`configure`] first, the default
+/// mode applies: a caller that forgot is filtered, not silently left open.
+pub fn apply(thread: Thread) -> Result<(), SeccompError> {
+    if FILTERS.get().is_none() {
+        configure(Mode::default())?;
+    }
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    if filters.mode == Mode::Off {
+        return Ok(());
+    }
+    CURRENT.with(|c| c.set(Some(thread)));
+    for program in &filters.programs[thread.index()] {
+        seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(thread.name(), e))?;
+    }
+    Ok(())
+}
+
+/// [`apply`] for a thread that has no way to report an error: a thread that cannot be filtered ends vmm
+/// (status 125, one line) rather than run unfiltered.
+pub fn apply_or_exit(thread: Thread) {
+    if let Err(e) = apply(thread) {
+        eprintln!("vmm: {e}");
+        std::process::exit(EXIT_VMM_FAILED);
+    }
+}
+
+fn compile(mode: Mode) -> Result<Filters, SeccompError> {
+    let mut programs: [Vec<BpfProgram>; 4] = Default::default();
+    let Some(action) = mode.action() else {
+        return Ok(Filters { mode, programs });
+    };
+    let ids = Ids::of_this_process();
+    for thread in Thread::ALL {
+        let build = |e| SeccompError::Build(thread.name(), e);
+        let rules = allowlist(thread, &ids).map_err(build)?;
+        let filter =
+            SeccompFilter::new(rules, action.clone(), SeccompAction::Allow, ARCH).map_err(build)?;
+        let mut list = vec![BpfProgram::try_from(filter).map_err(build)?];
+        if thread == Thread::Control {
+            // Threads started here (the stdin pump) come from glibc's pthread_create, which tries clone3
+            // first. clone3 takes its flags in memory that a filter cannot read, so it fails with ENOSYS
+            // and glibc falls back to clone, whose flags the allowlist checks. A second filter, because
+            // a filter has one action for all its matches; the kernel takes the strictest of the two.
+            let clone3 = SeccompFilter::new(
+                BTreeMap::from([(libc::SYS_clone3, vec![])]),
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::ENOSYS as u32),
+                ARCH,
+            )
+            .map_err(build)?;
+            list.push(BpfProgram::try_from(clone3).map_err(build)?);
+        }
+        programs[thread.index()] = list;
+    }
+    Ok(Filters { mode, programs })
+}
+
+const ARCH: TargetArch = TargetArch::x86_64;
+
+/// Values the filters compare arguments with that are only known at run time.
+struct Ids {
+    pid: u64,
+    /// The signal that kicks a vCPU out of KVM_RUN (glibc's SIGRTMIN, not the kernel's).
+    kick: u64,
+}
+
+impl Ids {
+    fn of_this_process() -> Self {
+        Ids {
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() } as u64,
+            kick: libc::SIGRTMIN() as u64,
+        }
+    }
+}
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+type Built<T> = Result<T, seccompiler::BackendError>;
+
+mod kvm {
+    // KVM_RUN = _IO(KVMIO, 0x80), as linux/kvm.h defines it
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+}
+
+/// The allowlist of `thread`.
+fn allowlist(thread: Thread, ids: &Ids) -> Built<Rules> {
+    let mut rules = common(ids)?;
+    let extra = match thread {
+        Thread::Vmm => vmm(ids)?,
+        Thread::Vcpu => vcpu()?,
+        Thread::Control => control()?,
+        Thread::Stdin => stdin()?,
+    };
+    for (nr, list) in extra {
+        add(&mut rules, nr, list);
+    }
+    Ok(rules)
+}
+
+/// Adds `list` to the rules of `nr`. An empty list allows any arguments, and wins over any other.
+fn add(rules: &mut Rules, nr: i64, list: Vec<SeccompRule>) {
+    match rules.get_mut(&nr) {
+        None => {
+            rules.insert(nr, list);
+        }
+        Some(existing) if existing.is_empty() => {}
+        Some(_) if list.is_empty() => {
+            rules.insert(nr, list);
+        }
+        Some(existing) => existing.extend(list),
+    }
+}
+
+/// Every syscall in `nrs`, with any arguments.
+fn any(nrs: &[i64]) -> Vec<(i64, Vec<SeccompRule>)> {
+    nrs.iter().map(|nr| (*nr, vec![])).collect()
+}
+
+/// Argument `arg` (32 bits wide) equals one of `values`.
+fn arg_in(nr: i64, arg: u8, values: &[u64]) -> Built<(i64, Vec<SeccompRule>)> {
+    let rules = values
+        .iter()
+        .map(|v| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                *v,
+            )?])
+        })
+        .collect::<Built<Vec<_>>>()?;
+    Ok((nr, rules))
+}
+
+/// `(argument arg & mask) == value`, on 32 bits.
+fn arg_masked(nr: i64, arg: u8, mask: u64, value: u64) -> Built<(i64, Vec<SeccompRule>)> {
+    let rule = SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )?])?;
+    Ok((nr, vec![rule]))
+}
+
+/// `ioctl(fd, request)` for these requests only.
+fn allow_ioctls(requests: &[u64]) -> Built<(i64, Vec<SeccompRule>)> {
+    arg_in(libc::SYS_ioctl, 1, requests)
+}
+
+/// `tgkill(pid, tid, sig)` to a thread of this process, with one of `signals`.
+fn allow_tgkill(ids: &Ids, signals: &[u64]) -> Built<(i64, Vec<SeccompRule>)> {
+    let rules = signals
+        .iter()
+        .map(|sig| {
+            SeccompRule::new(vec![
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, ids.pid)?,
+                SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *sig)?,
+            ])
+        })
+        .collect::<Built<Vec<_>>>()?;
+    Ok((libc::SYS_tgkill, rules))
+}
+
+/// What every thread needs, whatever it does: memory (glibc's malloc arenas grow and shrink in any
+/// thread; never an executable mapping), futexes (locks, channels, joins), signal returns and masks, the
+/// clock, randomness (HashMap keys), writing to stderr (error lines, the SIGSYS report), closing file
+/// descriptors, ending the thread or the process, and glibc's abort() (a panic is an abort).
+fn common(ids: &Ids) -> Built<Rules> {
+    use libc::*;
+    let mut rules = Rules::new();
+    let mut list = any(&[
+        SYS_brk,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_rt_sigreturn,
+        SYS_rt_sigprocmask,
+        SYS_sigaltstack,
+        SYS_clock_gettime,
+        SYS_gettimeofday,
+        SYS_sched_yield,
+        SYS_getrandom,
+        SYS_write,
+        SYS_close,
+        SYS_getpid,
+        SYS_gettid,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_restart_syscall,
+    ]);
+    let prot_exec = PROT_EXEC as u64;
+    list.push(arg_masked(SYS_mmap, 2, prot_exec, 0)?);
+    list.push(arg_masked(SYS_mprotect, 2, prot_exec, 0)?);
+    list.push(arg_in(
+        SYS_madvise,
+        2,
+        &[MADV_DONTNEED as u64, MADV_FREE as u64],
+    )?);
+    // wait and wake (glibc, Rust's locks and parkers, joins), private or not, with either clock; not the
+    // requeue and priority-inheritance operations
+    let futex_cmd = !(FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME) as u32 as u64;
+    let futex_rules = [FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET]
+        .iter()
+        .map(|op| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(futex_cmd),
+                *op as u64,
+            )?])
+        })
+        .collect::<Built<Vec<_>>>()?;
+    list.push((SYS_futex, futex_rules));
+    // abort(): raise(SIGABRT), then the default action restored if a handler returned
+    list.push(allow_tgkill(ids, &[SIGABRT as u64])?);
+    list.push(arg_in(SYS_rt_sigaction, 0, &[SIGABRT as u64])?);
+    for (nr, l) in list {
+        add(&mut rules, nr, l);
+    }
+    Ok(rules)
+}
+
+/// The main thread: the event loop (epoll; eventfds, timerfds and the signalfd; the block devices' reads,
+/// writes and flushes; vsock's Unix socket pairs, non-blocking, read and written), the vCPU kicks and
+/// the short sleeps of the teardown, then the result: /proc/self/status, mincore on guest memory, the
+/// --trace and --result files. No KVM ioctl: nothing after set-up needs one.
+fn vmm(ids: &Ids) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
+    use libc::*;
+    let mut list = any(&[
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+        SYS_epoll_ctl,
+        SYS_read,
+        SYS_readv,
+        SYS_writev,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_preadv,
+        SYS_pwritev,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_shutdown,
+        SYS_timerfd_settime,
+        SYS_timerfd_gettime,
+        SYS_clock_nanosleep,
+        SYS_nanosleep,
+        SYS_mincore,
+        SYS_openat,
+        SYS_statx,
+        SYS_newfstatat,
+        SYS_fstat,
+        SYS_lseek,
+    ]);
+    list.push(arg_in(SYS_socketpair, 0, &[AF_UNIX as u64])?);
+    list.push(allow_ioctls(&[FIONBIO])?);
+    list.push(allow_fcntl()?);
+    list.push(allow_tgkill(ids, &[ids.kick])?);
+    Ok(list)
+}
+
+/// A vCPU thread: KVM_RUN, and what the devices do on a port or MMIO access: write an eventfd (an
+/// interrupt, the end of the VM), write the console to stderr, shut down vsock streams when the driver
+/// resets the device.
+fn vcpu() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
+    let mut list = any(&[libc::SYS_shutdown]);
+    list.push(allow_ioctls(&[kvm::KVM_RUN()])?);
+    Ok(list)
+}
+
+/// The control thread: the protocol over its Unix socket, the command's stdout and stderr, starting
+/// the stdin thread (whose first calls run under this filter), and copying files between the host and
+/// the VM: ordinary file-system calls on paths, no network, no processes, no KVM.
+fn control() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
+    use libc::*;
+    let mut list = any(&[
+        // the socket and our stdout/stderr
+        SYS_read,
+        SYS_readv,
+        SYS_writev,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_shutdown,
+        SYS_poll,
+        SYS_ppoll,
+        // files and directories, as copy-in and copy-out need them
+        SYS_openat,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_lseek,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_statfs,
+        SYS_fstatfs,
+        SYS_getdents64,
+        SYS_readlinkat,
+        SYS_faccessat,
+        SYS_faccessat2,
+        SYS_mkdirat,
+        SYS_unlinkat,
+        SYS_renameat,
+        SYS_renameat2,
+        SYS_linkat,
+        SYS_symlinkat,
+        SYS_fchmod,
+        SYS_fchmodat,
+        SYS_fchown,
+        SYS_fchownat,
+        SYS_utimensat,
+        SYS_fsetxattr,
+        SYS_lsetxattr,
+        SYS_fgetxattr,
+        SYS_lgetxattr,
+        SYS_flistxattr,
+        SYS_llistxattr,
+        SYS_ftruncate,
+        SYS_fallocate,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_copy_file_range,
+        SYS_sendfile,
+        SYS_getcwd,
+        SYS_umask,
+        SYS_getuid,
+        SYS_geteuid,
+        SYS_getgid,
+        SYS_getegid,
+        // what a thread started from here does before its own filter: glibc's start-up, Rust's
+        // guard page and signal stack, the name, then installing that filter
+        SYS_clone3,
+        SYS_rseq,
+        SYS_set_robust_list,
+        SYS_sched_getaffinity,
+    ]);
+    list.push(allow_ioctls(&[FIONBIO, FIOCLEX, TCGETS])?);
+    list.push(allow_fcntl()?);
+    // threads, not processes: exactly the flags of glibc's pthread_create
+    let thread_flags = CLONE_VM
+        | CLONE_FS
+        | CLONE_FILES
+        | CLONE_SIGHAND
+        | CLONE_THREAD
+        | CLONE_SYSVSEM
+        | CLONE_SETTLS
+        | CLONE_PARENT_SETTID
+        | CLONE_CHILD_CLEARTID;
+    list.push(arg_in(SYS_clone, 0, &[thread_flags as u64])?);
+    list.push(arg_in(
+        SYS_prctl,
+        0,
+        &[
+            PR_SET_NAME as u64,
+            PR_GET_NAME as u64,
+            PR_SET_NO_NEW_PRIVS as u64,
+        ],
+    )?);
+    let rule = SeccompRule::new(vec![
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(SECCOMP_SET_MODE_FILTER),
+        )?,
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)?,
+    ])?;
+    list.push((SYS_seccomp, vec![rule]));
+    Ok(list)
+}
+
+/// The stdin thread: read our stdin, send it to the guest.
+fn stdin() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
+    use libc::*;
+    Ok(any(&[
+        SYS_read,
+        SYS_readv,
+        SYS_sendto,
+        SYS_sendmsg,
+        SYS_writev,
+    ]))
+}
+
+/// fcntl for duplicating descriptors (`try_clone`) and their flags (`set_nonblocking`, close-on-exec).
+fn allow_fcntl() -> Built<(i64, Vec<SeccompRule>)> {
+    use libc::*;
+    let cmds = [F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL];
+    arg_in(
+        SYS_fcntl,
+        1,
+        &cmds.iter().map(|c| *c as u64).collect::<Vec<_>>(),
+    )
+}
+
+/// Asks the kernel whether it knows `action` (SECCOMP_GET_ACTION_AVAIL, Linux 4.14): a kernel without
+/// seccomp filters, or too old for the action, fails here, before any VM exists.
+fn check_kernel_support(action: SeccompAction) -> Result<(), SeccompError> {
+    let value: u32 = action.into();
+    // SAFETY: seccomp(SECCOMP_GET_ACTION_AVAIL) reads one u32 from the pointer, which points to `value`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_ACTION_AVAIL,
+            0,
+            &value as *const u32,
+        )
+    };
+    if rc != 0 {
+        return Err(SeccompError::Unsupported(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The kind of the calling thread's filter, for the SIGSYS report.
+    static CURRENT: Cell<Option<Thread>> = const { Cell::new(None) };
+}
+
+/// `si_code` of a SIGSYS raised by a seccomp filter.
+const SYS_SECCOMP: i32 = 1;
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: sigaction is plain data; zeroed is a valid empty mask and no flags.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigsys as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `action` is initialised and its handler only makes async-signal-safe calls; a null
+    // old-action pointer is allowed.
+    let rc = unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(SeccompError::Handler(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The SIGSYS handler of `--seccomp trap`: one line on stderr, then the process ends with 125. It
+/// allocates nothing and calls only write and _exit, which every filter allows.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    // For SIGSYS the union holds { void *call_addr; int syscall; unsigned arch; } at offset 16, so the
+    // system call number is the 7th int (as Firecracker reads it).
+    // SAFETY: siginfo_t is 128 bytes; offset 24 is within it.
+    let nr = unsafe { *(info as *const i32).add(6) };
+    let thread = CURRENT.with(|c| c.get()).map(Thread::name).unwrap_or("?");
+    let mut line = Line::default();
+    if code == SYS_SECCOMP {
+        line.push(b"vmm: the ");
+        line.push(thread.as_bytes());
+        line.push(b" thread made system call ");
+        line.push_number(nr);
+        line.push(
+            b", which its seccomp filter does not allow: vmm stopped. This is a bug in vmm or an \
+              attack from the guest; --seccomp log lets such calls run and logs them\n",
+        );
+    } else {
+        line.push(b"vmm: unexpected SIGSYS: vmm stopped\n");
+    }
+    // SAFETY: write and _exit are async-signal-safe; `line` is valid for its length.
+    unsafe {
+        libc::write(2, line.buf.as_ptr().cast(), line.len);
+        libc::_exit(EXIT_VMM_FAILED);
+    }
+}
+
+/// A fixed buffer for the SIGSYS report (no allocation in a signal handler).
+struct Line {
+    buf: [u8; 320],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            buf: [0; 320],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.buf.len() - self.len;
+        let n = bytes.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn push_number(&mut self, n: i32) {
+        let mut digits = [0u8; 11];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! Each test forks a child that installs a thread's real filter and makes system calls; the parent
+//! checks how the child ended. After fork the child makes raw system calls only (the test harness is
+//! multi-threaded, so nothing that could wait on a lock another thread held) and ends with _exit.
+
+use std::io::Read;
+use std::os::fd::FromRawFd;
+
+use super::*;
+
+/// How a child ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Exited(i32),
+    Signalled(i32),
+}
+
+/// The child's code when the body ran to its end.
+const DONE: i32 = 0;
+
+/// Forks; the child installs `thread`'s filters for `mode` and runs `body`, whose return value is its
+/// exit status. Returns how the child ended and what it wrote to stderr.
+fn in_child(thread: Thread, mode: Mode, body: impl FnOnce() -> i32) -> (End, String) {
+    let filters = compile(mode).expect("the filters compile");
+    let programs = &filters.programs[thread.index()];
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: the child only makes async-signal-safe calls (sigaction, prctl, seccomp, the raw system
+    // calls of `body`) and ends with _exit, never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: as above; fds[1] is our pipe's write end.
+        unsafe {
+            libc::dup2(fds[1], 2);
+            if mode == Mode::Trap && install_sigsys_handler().is_err() {
+                libc::_exit(98);
+            }
+            CURRENT.with(|c| c.set(Some(thread)));
+            for program in programs {
+                if seccompiler::apply_filter(program).is_err() {
+                    libc::_exit(99);
+                }
+            }
+            libc::_exit(body());
+        }
+    }
+    // SAFETY: fds[1] is ours to close; fds[0] is ours and moves into the File.
+    let mut read_end = unsafe {
+        libc::close(fds[1]);
+        std::fs::File::from_raw_fd(fds[0])
+    };
+    let mut status = 0;
+    // SAFETY: `pid` is our child; `status` is writable.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let mut stderr = String::new();
+    let _ = read_end.read_to_string(&mut stderr);
+    let end = if libc::WIFEXITED(status) {
+        End::Exited(libc::WEXITSTATUS(status))
+    } else {
+        End::Signalled(libc::WTERMSIG(status))
+    };
+    (end, stderr)
+}
+
+/// errno after a failed call.
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A descriptor of an eventfd, for calls that need one (inherited by the child).
+fn eventfd() -> i32 {
+    // SAFETY: eventfd has no memory arguments.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(fd >= 0);
+    fd
+}
+
+fn trapped(end: &(End, String), thread: &str, nr: i64) {
+    assert_eq!(
+        end.0,
+        End::Exited(EXIT_VMM_FAILED),
+        "trapped and exited 125: {end:?}"
+    );
+    let expected = format!("vmm: the {thread} thread made system call {nr}, which its seccomp");
+    assert!(end.1.starts_with(&expected), "{:?}", end.1);
+    assert_eq!(end.1.lines().count(), 1, "one line: {:?}", end.1);
+}
+
+#[test]
+fn every_filter_compiles_in_every_mode() {
+    for mode in [Mode::Trap, Mode::Kill, Mode::Log] {
+        let filters = compile(mode).expect("compiles");
+        for thread in Thread::ALL {
+            let programs = &filters.programs[thread.index()];
+            let expected = if thread == Thread::Control { 2 } else { 1 };
+            assert_eq!(programs.len(), expected, "{thread:?}");
+            assert!(programs.iter().all(|p| !p.is_empty()));
+        }
+    }
+    let off = compile(Mode::Off).expect("compiles");
+    assert!(
+        off.programs.iter().all(Vec::is_empty),
+        "off installs nothing"
+    );
+}
+
+#[test]
+fn kvm_run_is_the_request_number_of_linux_kvm_h() {
+    assert_eq!(kvm::KVM_RUN(), 0xae80);
+}
+
+#[test]
+fn vcpu_runs_kvm_run_and_writes_eventfds() {
+    let fd = eventfd();
+    let end = in_child(Thread::Vcpu, Mode::Trap, || {
+        let one = 1u64;
+        // SAFETY: raw system calls on our own descriptor and buffer.
+        unsafe {
+            // KVM_RUN passes the filter; the kernel refuses it on an eventfd.
+            if libc::ioctl(fd, kvm::KVM_RUN(), 0) != -1 || errno() != libc::ENOTTY {
+                return 1;
+            }
+            if libc::write(fd, (&one as *const u64).cast(), 8) != 8 {
+                return 2;
+            }
+            let _ = libc::getpid();
+            let _ = libc::sched_yield();
+        }
+        DONE
+    });
+    assert_eq!(end.0, End::Exited(DONE), "{}", end.1);
+}
+
+#[test]
+fn vcpu_may_not_use_another_ioctl() {
+    let fd = eventfd();
+    let end = in_child(Thread::Vcpu, Mode::Trap, || {
+        let mut on: libc::c_int = 1;
+        // SAFETY: FIONBIO reads one int.
+        unsafe { libc::ioctl(fd, libc::FIONBIO, &mut on) };
+        1
+    });
+    trapped(&end, "vcpu", libc::SYS_ioctl);
+}
+
+#[test]
+fn vcpu_may_not_open_a_file_or_a_socket() {
+    let end = in_child(Thread::Vcpu, Mode::Trap, || {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::openat(libc::AT_FDCWD, c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
+        1
+    });
+    trapped(&end, "vcpu", libc::SYS_openat);
+    let end = in_child(Thread::Vcpu, Mode::Trap, || {
+        // SAFETY: no memory arguments.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        1
+    });
+    trapped(&end, "vcpu", libc::SYS_socket);
+}
+
+#[test]
+fn no_thread_may_map_executable_memory() {
+    for thread in Thread::ALL {
+        let end = in_child(thread, Mode::Trap, || {
+            // SAFETY: a fresh anonymous mapping, unmapped again.
+            unsafe {
+                let len = 4096;
+                let rw = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if rw == libc::MAP_FAILED {
+                    return 1;
+                }
+                libc::mprotect(rw, len, libc::PROT_READ | libc::PROT_EXEC);
+            }
+            2
+        });
+        trapped(&end, thread.name(), libc::SYS_mprotect);
+    }
+}
+
+#[test]
+fn futex_requeue_is_not_allowed() {
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        let word = 0u32;
+        // SAFETY: FUTEX_CMP_REQUEUE on our own words; the filter stops it first.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                &word as *const u32,
+                libc::FUTEX_CMP_REQUEUE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+                1,
+                &word as *const u32,
+                0,
+            )
+        };
+        1
+    });
+    trapped(&end, "vmm", libc::SYS_futex);
+}
+
+#[test]
+fn vmm_makes_unix_socket_pairs_but_no_other_socket() {
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        let mut pair = [0; 2];
+        // SAFETY: socketpair writes two descriptors into `pair`.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } != 0
+        {
+            return 1;
+        }
+        let mut on: libc::c_int = 1;
+        // SAFETY: FIONBIO reads one int.
+        if unsafe { libc::ioctl(pair[0], libc::FIONBIO, &mut on) } != 0 {
+            return 2;
+        }
+        // SAFETY: no memory arguments.
+        unsafe { libc::socketpair(libc::AF_INET, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) };
+        3
+    });
+    trapped(&end, "vmm", libc::SYS_socketpair);
+}
+
+#[test]
+fn vmm_signals_only_its_own_threads_with_the_kick() {
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        // A thread id no thread has: had the filter let it through, nothing would be hit.
+        // SAFETY: no memory arguments.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), i32::MAX, libc::SIGKILL) };
+        1
+    });
+    trapped(&end, "vmm", libc::SYS_tgkill);
+}
+
+#[test]
+fn vmm_may_not_use_kvm_after_set_up() {
+    let fd = eventfd();
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        // SAFETY: the filter stops it before the kernel sees it.
+        unsafe { libc::ioctl(fd, kvm::KVM_RUN(), 0) };
+        1
+    });
+    trapped(&end, "vmm", libc::SYS_ioctl);
+}
+
+extern "C" fn stdin_thread(_: *mut libc::c_void) -> *mut libc::c_void {
+    // The stdin thread's own filter, on top of the control thread's it inherited; not null: it failed.
+    let Some(filters) = FILTERS.get() else {
+        return std::ptr::dangling_mut();
+    };
+    for program in &filters.programs[Thread::Stdin.index()] {
+        if seccompiler::apply_filter(program).is_err() {
+            return std::ptr::dangling_mut();
+        }
+    }
+    std::ptr::null_mut()
+}
+
+#[test]
+fn control_starts_threads_but_no_process() {
+    // the filters the started thread installs
+    let _ = FILTERS.set(compile(Mode::Trap).expect("compiles"));
+    let end = in_child(Thread::Control, Mode::Trap, || {
+        let mut thread: libc::pthread_t = 0;
+        let mut ret: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: a thread with default attributes running `stdin_thread`, joined before we go on.
+        unsafe {
+            // clone3 answers ENOSYS, and glibc falls back to clone with the thread flags
+            if libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) != -1
+                || errno() != libc::ENOSYS
+            {
+                return 1;
+            }
+            if libc::pthread_create(
+                &mut thread,
+                std::ptr::null(),
+                stdin_thread,
+                std::ptr::null_mut(),
+            ) != 0
+            {
+                return 2;
+            }
+            if libc::pthread_join(thread, &mut ret) != 0 || !ret.is_null() {
+                return 3;
+            }
+            // a process: clone with SIGCHLD, not the thread flags
+            libc::fork();
+        }
+        4
+    });
+    trapped(&end, "control", libc::SYS_clone);
+}
+
+#[test]
+fn control_reads_and_writes_files_but_opens_no_network_socket() {
+    let dir = std::env::temp_dir().join(format!("vmm-seccomp-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sub = std::ffi::CString::new(dir.join("sub").into_os_string().into_encoded_bytes())
+        .expect("no NUL");
+    let end = in_child(Thread::Control, Mode::Trap, || {
+        // SAFETY: valid NUL-terminated paths.
+        unsafe {
+            if libc::mkdirat(libc::AT_FDCWD, sub.as_ptr(), 0o755) != 0 {
+                return 1;
+            }
+            let fd = libc::openat(
+                libc::AT_FDCWD,
+                sub.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            );
+            if fd < 0 || libc::fchmod(fd, 0o700) != 0 || libc::close(fd) != 0 {
+                return 2;
+            }
+            if libc::unlinkat(libc::AT_FDCWD, sub.as_ptr(), libc::AT_REMOVEDIR) != 0 {
+                return 3;
+            }
+            libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        }
+        4
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    trapped(&end, "control", libc::SYS_socket);
+}
+
+#[test]
+fn stdin_may_not_open_files() {
+    let end = in_child(Thread::Stdin, Mode::Trap, || {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::openat(libc::AT_FDCWD, c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
+        1
+    });
+    trapped(&end, "stdin", libc::SYS_openat);
+}
+
+#[test]
+fn kill_mode_kills_with_sigsys_and_log_mode_lets_the_call_run() {
+    let end = in_child(Thread::Vcpu, Mode::Kill, || {
+        // SAFETY: no memory arguments.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        1
+    });
+    assert_eq!(end.0, End::Signalled(libc::SIGSYS));
+    let end = in_child(Thread::Vcpu, Mode::Log, || {
+        // SAFETY: no memory arguments.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        if fd < 0 {
+            1
+        } else {
+            DONE
+        }
+    });
+    assert_eq!(end.0, End::Exited(DONE), "{}", end.1);
+}
+
+#[test]
+fn the_report_writes_numbers() {
+    let mut line = Line::default();
+    line.push_number(0);
+    line.push(b" ");
+    line.push_number(435);
+    line.push(b" ");
+    line.push_number(-12);
+    assert_eq!(&line.buf[..line.len], b"0 435 -12");
+    let mut full = Line::default();
+    full.push(&[b'x'; 400]);
+    assert_eq!(full.len, full.buf.len(), "a long line is cut, not overrun");
+}
