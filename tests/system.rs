@@ -407,6 +407,86 @@ fn two_vms_from_one_image_see_nothing_of_each_other() {
     assert_eq!(out_b, ["/marker-b"]);
 }
 
+// --- vmm's own isolation ---------------------------------------------------------------------------
+
+/// The threads of a running vmm: (name, Seccomp mode, Seccomp_filters) from /proc, sorted by name.
+fn seccomp_of_threads(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("vmm's threads") {
+        let dir = task.expect("a thread").path();
+        // a thread that ended meanwhile has nothing left to read
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(u32::MAX)
+        };
+        threads.push((
+            comm.trim().to_string(),
+            field("Seccomp:"),
+            field("Seccomp_filters:"),
+        ));
+    }
+    threads.sort();
+    threads
+}
+
+/// Starts a command that prints a line and waits, with stdin kept open so every thread is alive, and
+/// returns vmm's threads as [`seccomp_of_threads`] sees them while it runs.
+fn threads_while_running(extra: &[&str]) -> Vec<(String, u32, u32)> {
+    require_artifacts();
+    let mut child = vmm()
+        .args(["--timeout", "120", "--cmd", "echo started; sleep 100"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("piped")));
+    let first = lines.next().and_then(Result::ok);
+    let threads = seccomp_of_threads(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(first.as_deref(), Some("started"));
+    threads
+}
+
+#[test]
+fn every_thread_of_vmm_runs_under_its_seccomp_filter() {
+    let threads = threads_while_running(&[]);
+    // mode 2 is SECCOMP_MODE_FILTER; the control thread adds the clone3 filter, the stdin thread
+    // (started by it) inherits both and adds its own
+    let expected = [("control", 2), ("stdin", 3), ("vcpu0", 1), ("vmm", 1)];
+    let got: Vec<(&str, u32, u32)> = threads
+        .iter()
+        .map(|(name, mode, filters)| (name.as_str(), *mode, *filters))
+        .collect();
+    assert_eq!(
+        got,
+        expected.map(|(name, filters)| (name, 2, filters)),
+        "every thread filtered: {threads:?}"
+    );
+}
+
+#[test]
+fn seccomp_off_leaves_every_thread_unfiltered() {
+    let threads = threads_while_running(&["--seccomp", "off"]);
+    assert!(threads.len() >= 3, "{threads:?}");
+    assert!(
+        threads.iter().all(|(_, mode, _)| *mode == 0),
+        "no thread filtered: {threads:?}"
+    );
+}
+
 // --- container images: import, cache, docker run parity -----------------------------------------------
 
 mod oci {

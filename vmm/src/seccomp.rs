@@ -1,12 +1,18 @@
 //! Seccomp filters for vmm's threads: one allowlist per kind of thread, installed by each thread itself
 //! once the VM is set up (KVM file descriptors, guest memory, devices and vCPUs exist before any filter).
 //!
-//! | thread | what it does after set-up | what its filter adds to [`common`] |
-//! | --- | --- | --- |
-//! | `vmm` (main) | event loop: virtio queues (block I/O, vsock), signals, timers, vCPU kicks, teardown, result and trace files | epoll, timerfd, file and socket I/O, `socketpair(AF_UNIX)`, `tgkill(SIGRTMIN)`, opening files |
-//! | `vcpu` | `KVM_RUN`, port and MMIO exits to the devices | `ioctl(KVM_RUN)` only, eventfd writes, `shutdown` (a vsock reset) |
-//! | `control` | the guest-init protocol, stdout/stderr, file copies in and out of the VM, starting the stdin thread | socket I/O, ordinary file-system calls, threads (not processes) |
-//! | `stdin` | our stdin to the command | reads and socket sends |
+//! - `vmm`, the main thread: the event loop (virtio queues: block I/O, vsock), signals, timers, vCPU
+//!   kicks, the teardown, the result and trace files. Adds epoll, timerfd, file and socket I/O,
+//!   `socketpair(AF_UNIX)`, `tgkill(SIGRTMIN)` to our own threads, opening files. No KVM ioctl.
+//! - `vcpu`: `ioctl(KVM_RUN)` and nothing else of KVM; the devices' port and MMIO handlers write eventfds
+//!   and the console, and shut vsock streams down when the driver resets the device.
+//! - `control`: the guest-init protocol on its Unix socket, the command's stdout and stderr, copying
+//!   files in and out of the VM (ordinary file-system calls), starting the stdin thread (threads, never a
+//!   process: `clone` only with pthread's flags, `clone3` answers ENOSYS).
+//! - `stdin`: reads our stdin and sends it on.
+//!
+//! Every thread also gets `common()`: memory (never executable), futex wait/wake, signal masks and
+//! returns, clocks, randomness, writing to stderr, closing descriptors, ending, `abort()`.
 //!
 //! The lists come from reading the code and the crates it calls, and from `strace -f` of vmm on every path
 //! (command with output, stdin, closed stdout, 20 MB of output, `--timeout`, forwarded and repeated

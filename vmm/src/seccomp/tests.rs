@@ -1,6 +1,7 @@
 //! Each test forks a child that installs a thread's real filter and makes system calls; the parent
-//! checks how the child ended. After fork the child makes raw system calls only (the test harness is
-//! multi-threaded, so nothing that could wait on a lock another thread held) and ends with _exit.
+//! checks how the child ended. The test harness is multi-threaded, so after fork the child makes raw
+//! system calls only, and ends with _exit. One exception: it compiles its filters itself, as they hold its
+//! own pid; that allocates, which glibc makes safe after fork (its fork handlers reset malloc's locks).
 
 use std::io::Read;
 use std::os::fd::FromRawFd;
@@ -20,13 +21,13 @@ const DONE: i32 = 0;
 /// Forks; the child installs `thread`'s filters for `mode` and runs `body`, whose return value is its
 /// exit status. Returns how the child ended and what it wrote to stderr.
 fn in_child(thread: Thread, mode: Mode, body: impl FnOnce() -> i32) -> (End, String) {
-    let filters = compile(mode).expect("the filters compile");
-    let programs = &filters.programs[thread.index()];
+    compile(mode).expect("the filters compile");
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: the child only makes async-signal-safe calls (sigaction, prctl, seccomp, the raw system
-    // calls of `body`) and ends with _exit, never returning into the test harness.
+    // calls of `body`) and allocations (see the top of this file), and ends with _exit, never returning
+    // into the test harness.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
@@ -37,7 +38,10 @@ fn in_child(thread: Thread, mode: Mode, body: impl FnOnce() -> i32) -> (End, Str
                 libc::_exit(98);
             }
             CURRENT.with(|c| c.set(Some(thread)));
-            for program in programs {
+            let Ok(filters) = compile(mode) else {
+                libc::_exit(97);
+            };
+            for program in &filters.programs[thread.index()] {
                 if seccompiler::apply_filter(program).is_err() {
                     libc::_exit(99);
                 }
@@ -371,4 +375,19 @@ fn the_report_writes_numbers() {
     let mut full = Line::default();
     full.push(&[b'x'; 400]);
     assert_eq!(full.len, full.buf.len(), "a long line is cut, not overrun");
+}
+
+#[test]
+fn abort_still_aborts_in_every_thread() {
+    // a panic in release builds is an abort(): it must end in SIGABRT, not in a seccomp report
+    for thread in Thread::ALL {
+        // SAFETY: abort has no preconditions.
+        let end = in_child(thread, Mode::Trap, || unsafe { libc::abort() });
+        assert_eq!(
+            end.0,
+            End::Signalled(libc::SIGABRT),
+            "{thread:?}: {}",
+            end.1
+        );
+    }
 }
