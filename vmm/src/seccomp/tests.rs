@@ -391,3 +391,72 @@ fn abort_still_aborts_in_every_thread() {
         );
     }
 }
+
+/// What copying files into and out of the VM does on the host, as the control thread will: a tar stream
+/// made from a directory and unpacked into another, with modes, times, ownership and links.
+fn tar_round_trip(src: &std::path::Path, dst: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    builder
+        .append_dir_all("tree", src)
+        .map_err(|e| format!("pack: {e}"))?;
+    let stream = builder.into_inner().map_err(|e| format!("finish: {e}"))?;
+    let mut archive = tar::Archive::new(stream.as_slice());
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(true);
+    archive.unpack(dst).map_err(|e| format!("unpack: {e}"))?;
+    let tree = dst.join("tree");
+    let script = std::fs::metadata(tree.join("bin/run.sh")).map_err(|e| e.to_string())?;
+    if script.permissions().mode() & 0o777 != 0o755 {
+        return Err("mode lost".into());
+    }
+    let link = std::fs::read_link(tree.join("link")).map_err(|e| e.to_string())?;
+    if link != std::path::Path::new("bin/run.sh") {
+        return Err("symlink lost".into());
+    }
+    std::fs::rename(tree.join("data.txt"), tree.join("moved.txt")).map_err(|e| e.to_string())?;
+    std::fs::copy(tree.join("moved.txt"), tree.join("copy.txt")).map_err(|e| e.to_string())?;
+    std::fs::hard_link(tree.join("copy.txt"), tree.join("hard.txt")).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(
+        tree.join("copy.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .map_err(|e| e.to_string())?;
+    if std::fs::read(tree.join("hard.txt")).map_err(|e| e.to_string())? != b"payload" {
+        return Err("content lost".into());
+    }
+    std::fs::remove_dir_all(&tree).map_err(|e| format!("remove: {e}"))?;
+    Ok(())
+}
+
+#[test]
+fn control_can_copy_a_tree_in_and_out_with_tar() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vmm-seccomp-tar-{}", std::process::id()));
+    let (src, dst) = (dir.join("src"), dir.join("dst"));
+    std::fs::create_dir_all(src.join("bin")).expect("src");
+    std::fs::create_dir_all(&dst).expect("dst");
+    std::fs::write(src.join("data.txt"), b"payload").expect("file");
+    std::fs::write(src.join("bin/run.sh"), b"#!/bin/sh\n").expect("file");
+    std::fs::set_permissions(
+        src.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::os::unix::fs::symlink("bin/run.sh", src.join("link")).expect("symlink");
+    // the child writes why it failed, if it did, to its stderr
+    let end = in_child(Thread::Control, Mode::Trap, || {
+        match tar_round_trip(&src, &dst) {
+            Ok(()) => DONE,
+            Err(e) => {
+                // SAFETY: write to our stderr from a valid buffer.
+                unsafe { libc::write(2, e.as_ptr().cast(), e.len()) };
+                1
+            }
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(end.0, End::Exited(DONE), "{}", end.1);
+}
