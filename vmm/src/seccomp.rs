@@ -77,6 +77,7 @@ pub enum Thread {
 }
 
 impl Thread {
+    #[cfg(test)]
     const ALL: [Thread; 4] = [Thread::Vmm, Thread::Vcpu, Thread::Control, Thread::Stdin];
 
     pub fn name(self) -> &'static str {
@@ -108,46 +109,60 @@ pub enum SeccompError {
     Install(&'static str, seccompiler::Error),
 }
 
-/// The compiled filters of every thread kind, for one mode.
-struct Filters {
+/// What [`configure`] decided, for every thread.
+struct Settings {
     mode: Mode,
-    /// Per [`Thread`], the programs to install, in order (empty with `--seccomp off`).
-    programs: [Vec<BpfProgram>; 4],
+    ids: Ids,
 }
 
-static FILTERS: OnceLock<Filters> = OnceLock::new();
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
-/// Compiles every thread's filter for `mode`, checks that the kernel can enforce them and installs the
-/// SIGSYS handler of `trap`. Call once, early in `main`, before any thread starts; the first call wins.
+/// The compiled programs of each [`Thread`] kind, built by the first thread of that kind: compiling all
+/// of them up front would put a tenth of a millisecond on the way to the first KVM_RUN.
+static PROGRAMS: [OnceLock<Vec<BpfProgram>>; 4] = [const { OnceLock::new() }; 4];
+
+/// Checks that the kernel can enforce `mode`, installs the SIGSYS handler of `trap` and records the mode
+/// for every thread. Call once, early in `main`, before any thread starts; the first call wins.
 pub fn configure(mode: Mode) -> Result<(), SeccompError> {
-    if FILTERS.get().is_some() {
+    if SETTINGS.get().is_some() {
         return Ok(());
     }
-    let filters = compile(mode)?;
     if let Some(action) = mode.action() {
         check_kernel_support(action)?;
     }
     if mode == Mode::Trap {
         install_sigsys_handler()?;
     }
-    let _ = FILTERS.set(filters);
+    let _ = SETTINGS.set(Settings {
+        mode,
+        ids: Ids::of_this_process(),
+    });
     Ok(())
 }
 
 /// Installs the filter of `thread` on the calling thread. Without a [`configure`] first, the default
 /// mode applies: a caller that forgot is filtered, not silently left open.
 pub fn apply(thread: Thread) -> Result<(), SeccompError> {
-    if FILTERS.get().is_none() {
+    if SETTINGS.get().is_none() {
         configure(Mode::default())?;
     }
-    let Some(filters) = FILTERS.get() else {
+    let Some(settings) = SETTINGS.get() else {
         return Ok(());
     };
-    if filters.mode == Mode::Off {
+    let Some(action) = settings.mode.action() else {
         return Ok(());
-    }
+    };
+    let slot = &PROGRAMS[thread.index()];
+    let programs = match slot.get() {
+        Some(programs) => programs,
+        None => {
+            let built = programs(thread, action, &settings.ids)
+                .map_err(|e| SeccompError::Build(thread.name(), e))?;
+            slot.get_or_init(|| built)
+        }
+    };
     CURRENT.with(|c| c.set(Some(thread)));
-    for program in &filters.programs[thread.index()] {
+    for program in programs {
         seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(thread.name(), e))?;
     }
     Ok(())
@@ -162,35 +177,24 @@ pub fn apply_or_exit(thread: Thread) {
     }
 }
 
-fn compile(mode: Mode) -> Result<Filters, SeccompError> {
-    let mut programs: [Vec<BpfProgram>; 4] = Default::default();
-    let Some(action) = mode.action() else {
-        return Ok(Filters { mode, programs });
-    };
-    let ids = Ids::of_this_process();
-    for thread in Thread::ALL {
-        let build = |e| SeccompError::Build(thread.name(), e);
-        let rules = allowlist(thread, &ids).map_err(build)?;
-        let filter =
-            SeccompFilter::new(rules, action.clone(), SeccompAction::Allow, ARCH).map_err(build)?;
-        let mut list = vec![BpfProgram::try_from(filter).map_err(build)?];
-        if thread == Thread::Control {
-            // Threads started here (the stdin pump) come from glibc's pthread_create, which tries clone3
-            // first. clone3 takes its flags in memory that a filter cannot read, so it fails with ENOSYS
-            // and glibc falls back to clone, whose flags the allowlist checks. A second filter, because
-            // a filter has one action for all its matches; the kernel takes the strictest of the two.
-            let clone3 = SeccompFilter::new(
-                BTreeMap::from([(libc::SYS_clone3, vec![])]),
-                SeccompAction::Allow,
-                SeccompAction::Errno(libc::ENOSYS as u32),
-                ARCH,
-            )
-            .map_err(build)?;
-            list.push(BpfProgram::try_from(clone3).map_err(build)?);
-        }
-        programs[thread.index()] = list;
+/// The programs to install for `thread`, in order, with `action` for calls outside its list.
+fn programs(thread: Thread, action: SeccompAction, ids: &Ids) -> Built<Vec<BpfProgram>> {
+    let filter = SeccompFilter::new(allowlist(thread, ids)?, action, SeccompAction::Allow, ARCH)?;
+    let mut list = vec![BpfProgram::try_from(filter)?];
+    if thread == Thread::Control {
+        // Threads started here (the stdin pump) come from glibc's pthread_create, which tries clone3
+        // first. clone3 takes its flags in memory that a filter cannot read, so it fails with ENOSYS and
+        // glibc falls back to clone, whose flags the allowlist checks. A second filter, because a filter
+        // has one action for all its matches; the kernel takes the stricter answer of the two.
+        let clone3 = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_clone3, vec![])]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            ARCH,
+        )?;
+        list.push(BpfProgram::try_from(clone3)?);
     }
-    Ok(Filters { mode, programs })
+    Ok(list)
 }
 
 const ARCH: TargetArch = TargetArch::x86_64;

@@ -1,7 +1,8 @@
 //! Each test forks a child that installs a thread's real filter and makes system calls; the parent
 //! checks how the child ended. The test harness is multi-threaded, so after fork the child makes raw
 //! system calls only, and ends with _exit. One exception: it compiles its filters itself, as they hold its
-//! own pid; that allocates, which glibc makes safe after fork (its fork handlers reset malloc's locks).
+//! own pid (and so does the thread it starts in one test); that allocates, which glibc makes safe after
+//! fork (its fork handlers reset malloc's locks).
 
 use std::io::Read;
 use std::os::fd::FromRawFd;
@@ -21,7 +22,8 @@ const DONE: i32 = 0;
 /// Forks; the child installs `thread`'s filters for `mode` and runs `body`, whose return value is its
 /// exit status. Returns how the child ended and what it wrote to stderr.
 fn in_child(thread: Thread, mode: Mode, body: impl FnOnce() -> i32) -> (End, String) {
-    compile(mode).expect("the filters compile");
+    let action = mode.action().expect("a mode that filters");
+    programs(thread, action.clone(), &Ids::of_this_process()).expect("the filters compile");
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -38,10 +40,10 @@ fn in_child(thread: Thread, mode: Mode, body: impl FnOnce() -> i32) -> (End, Str
                 libc::_exit(98);
             }
             CURRENT.with(|c| c.set(Some(thread)));
-            let Ok(filters) = compile(mode) else {
+            let Ok(programs) = programs(thread, action, &Ids::of_this_process()) else {
                 libc::_exit(97);
             };
-            for program in &filters.programs[thread.index()] {
+            for program in &programs {
                 if seccompiler::apply_filter(program).is_err() {
                     libc::_exit(99);
                 }
@@ -93,20 +95,17 @@ fn trapped(end: &(End, String), thread: &str, nr: i64) {
 
 #[test]
 fn every_filter_compiles_in_every_mode() {
+    let ids = Ids::of_this_process();
     for mode in [Mode::Trap, Mode::Kill, Mode::Log] {
-        let filters = compile(mode).expect("compiles");
         for thread in Thread::ALL {
-            let programs = &filters.programs[thread.index()];
+            let action = mode.action().expect("filters");
+            let programs = programs(thread, action, &ids).expect("compiles");
             let expected = if thread == Thread::Control { 2 } else { 1 };
             assert_eq!(programs.len(), expected, "{thread:?}");
             assert!(programs.iter().all(|p| !p.is_empty()));
         }
     }
-    let off = compile(Mode::Off).expect("compiles");
-    assert!(
-        off.programs.iter().all(Vec::is_empty),
-        "off installs nothing"
-    );
+    assert_eq!(Mode::Off.action(), None, "off installs nothing");
 }
 
 #[test]
@@ -256,10 +255,10 @@ fn vmm_may_not_use_kvm_after_set_up() {
 
 extern "C" fn stdin_thread(_: *mut libc::c_void) -> *mut libc::c_void {
     // The stdin thread's own filter, on top of the control thread's it inherited; not null: it failed.
-    let Some(filters) = FILTERS.get() else {
+    let Ok(programs) = programs(Thread::Stdin, SeccompAction::Trap, &Ids::of_this_process()) else {
         return std::ptr::dangling_mut();
     };
-    for program in &filters.programs[Thread::Stdin.index()] {
+    for program in &programs {
         if seccompiler::apply_filter(program).is_err() {
             return std::ptr::dangling_mut();
         }
@@ -269,8 +268,6 @@ extern "C" fn stdin_thread(_: *mut libc::c_void) -> *mut libc::c_void {
 
 #[test]
 fn control_starts_threads_but_no_process() {
-    // the filters the started thread installs
-    let _ = FILTERS.set(compile(Mode::Trap).expect("compiles"));
     let end = in_child(Thread::Control, Mode::Trap, || {
         let mut thread: libc::pthread_t = 0;
         let mut ret: *mut libc::c_void = std::ptr::null_mut();
