@@ -353,6 +353,8 @@ fn common(ids: &Ids) -> Built<Rules> {
         })
         .collect::<Built<Vec<_>>>()?;
     list.push((SYS_futex, futex_rules));
+    // dropping a descriptor in a debug build first checks that it is open (Rust's UB checks)
+    list.push(arg_in(SYS_fcntl, 1, &[F_GETFD as u64])?);
     // abort(): raise(SIGABRT), then the default action restored if a handler returned
     list.push(allow_tgkill(ids, &[SIGABRT as u64])?);
     list.push(arg_in(SYS_rt_sigaction, 0, &[SIGABRT as u64])?);

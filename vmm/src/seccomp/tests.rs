@@ -457,3 +457,19 @@ fn control_can_copy_a_tree_in_and_out_with_tar() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(end.0, End::Exited(DONE), "{}", end.1);
 }
+
+#[test]
+fn every_thread_may_drop_a_descriptor_in_a_debug_build() {
+    let fd = eventfd();
+    for thread in Thread::ALL {
+        // SAFETY: `fd` is ours (a copy in the child); F_GETFD reads its flags.
+        let end = in_child(thread, Mode::Trap, || unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) < 0 || libc::close(fd) != 0 {
+                1
+            } else {
+                DONE
+            }
+        });
+        assert_eq!(end.0, End::Exited(DONE), "{thread:?}: {}", end.1);
+    }
+}
