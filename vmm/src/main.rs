@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vmm::config::{cache_dir, detect_kvm_flavour, KvmFlavour, RawArgs, VmConfig};
+use vmm::config::{cache_dir, is_pvm_host, RawArgs, VmConfig};
 use vmm::image::{Image, ImageError, ImageStore};
 use vmm::result::EXIT_VMM_FAILED;
 use vmm::runner;
@@ -193,7 +193,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    if detect_kvm_flavour() == KvmFlavour::Pvm && !config.allow_slow_host {
+    // With --allow-slow-host the answer would change nothing: do not ask.
+    if !config.allow_slow_host && is_pvm_host() {
         return fail(
             "this host's /dev/kvm is PVM (kvm_pvm, no VT-x/AMD-V): a standard guest kernel would be \
              interpreted instruction by instruction and take minutes to boot; run vmm on a host with \
