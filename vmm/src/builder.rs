@@ -349,20 +349,27 @@ fn load_initrd(
     mode: EntryMode,
     init: &[u8],
 ) -> Result<Initrd, BuildError> {
-    let archive = crate::initramfs::build(init);
+    let size = crate::initramfs::size(init);
     let max_addr = match (mode, kernel.setup_header) {
         (EntryMode::Linux64, Some(hdr)) if hdr.initrd_addr_max != 0 => {
             u64::from(hdr.initrd_addr_max)
         }
         _ => u64::MAX,
     };
-    let addr = boot::initrd_address(mem_size, archive.len(), kernel.kernel_end, max_addr)?;
-    mem.write_slice(&archive, addr)
-        .map_err(|_| BuildError::WriteInitrd)?;
-    Ok(Initrd {
-        addr,
-        size: archive.len(),
-    })
+    let addr = boot::initrd_address(mem_size, size, kernel.kernel_end, max_addr)?;
+    let mut at = addr;
+    crate::initramfs::emit(init, |piece| {
+        if piece.is_empty() {
+            return Ok::<(), BuildError>(());
+        }
+        mem.write_slice(piece, at)
+            .map_err(|_| BuildError::WriteInitrd)?;
+        at = at
+            .checked_add(piece.len() as u64)
+            .ok_or(BuildError::WriteInitrd)?;
+        Ok(())
+    })?;
+    Ok(Initrd { addr, size })
 }
 
 fn eventfd() -> Result<EventFd, BuildError> {

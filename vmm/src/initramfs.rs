@@ -17,6 +17,29 @@ enum Entry<'a> {
 
 /// The archive: `/init` (mode 0755) and the directories and device nodes it needs before devtmpfs is up.
 pub fn build(init: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size(init));
+    emit(init, |piece| {
+        out.extend_from_slice(piece);
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .unwrap_or_else(|never| match never {});
+    out
+}
+
+/// The size of [`build`]'s archive, without building it.
+pub fn size(init: &[u8]) -> usize {
+    let mut len = 0;
+    emit(init, |piece| {
+        len += piece.len();
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .unwrap_or_else(|never| match never {});
+    len
+}
+
+/// Hands the archive to `sink` piece by piece, in order: the guest's copy is written straight into its
+/// memory, with no second copy of guest-init (a megabyte) on our heap.
+pub fn emit<E>(init: &[u8], mut sink: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
     let entries = [
         Entry::Dir("dev"),
         Entry::CharDev("dev/console", 5, 1),
@@ -27,22 +50,32 @@ pub fn build(init: &[u8]) -> Vec<u8> {
         Entry::Dir("tmp"),
         Entry::File("init", 0o755, init),
     ];
-    let mut out = Vec::with_capacity(init.len() + 4096);
+    let mut written = 0;
     for (ino, entry) in entries.iter().enumerate() {
         let (name, mode, rdev, data): (&str, u32, (u32, u32), &[u8]) = match entry {
             Entry::Dir(n) => (n, S_IFDIR | 0o755, (0, 0), &[]),
             Entry::File(n, perm, d) => (n, S_IFREG | perm, (0, 0), d),
             Entry::CharDev(n, major, minor) => (n, S_IFCHR | 0o600, (*major, *minor), &[]),
         };
-        push_member(&mut out, ino as u32 + 1, name, mode, rdev, data);
+        written += push_member(&mut sink, ino as u32 + 1, name, mode, rdev, data)?;
     }
-    push_member(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    written += push_member(&mut sink, 0, "TRAILER!!!", 0, (0, 0), &[])?;
     // The kernel reads the archive in 512-byte blocks.
-    out.resize(out.len().next_multiple_of(512), 0);
-    out
+    sink(&ZEROS[..written.next_multiple_of(512) - written])
 }
 
-fn push_member(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+/// Padding: the most any one pad needs is 511 bytes.
+static ZEROS: [u8; 512] = [0; 512];
+
+/// One member: header, name, padding, data, padding. Returns how many bytes that was.
+fn push_member<E>(
+    put: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) -> Result<usize, E> {
     let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
     let fields = [
         ino,
@@ -59,20 +92,23 @@ fn push_member(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u
         name.len() as u32 + 1,
         0, // checksum (newc has none)
     ];
-    out.extend_from_slice(b"070701");
+    // 110 bytes of header, then the NUL-terminated name, padded to 4 bytes with the header
+    let mut head = Vec::with_capacity(HEADER_LEN + name.len() + 4);
+    head.extend_from_slice(b"070701");
     for f in fields {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
+        head.extend_from_slice(format!("{f:08x}").as_bytes());
     }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    pad4(out);
-    out.extend_from_slice(data);
-    pad4(out);
+    head.extend_from_slice(name.as_bytes());
+    head.push(0);
+    head.resize(head.len().next_multiple_of(4), 0);
+    let padded = data.len().next_multiple_of(4);
+    put(&head)?;
+    put(data)?;
+    put(&ZEROS[..padded - data.len()])?;
+    Ok(head.len() + padded)
 }
 
-fn pad4(out: &mut Vec<u8>) {
-    out.resize(out.len().next_multiple_of(4), 0);
-}
+const HEADER_LEN: usize = 110;
 
 #[cfg(test)]
 mod tests {
@@ -103,6 +139,20 @@ mod tests {
         }
         assert_eq!(total % 512, 0);
         out
+    }
+
+    #[test]
+    fn size_and_pieces_match_the_archive() {
+        let init = b"\x7fELF another odd-length init".to_vec();
+        let archive = build(&init);
+        assert_eq!(size(&init), archive.len());
+        let mut pieces = Vec::new();
+        emit(&init, |p| {
+            pieces.extend_from_slice(p);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(pieces, archive);
     }
 
     #[test]
