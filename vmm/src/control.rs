@@ -94,7 +94,6 @@ pub fn start(
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                crate::seccomp::apply_or_exit(crate::seccomp::Thread::Control);
                 let outcome = converse(&connections, request, &transfers, stdin, &state, &writer);
                 lock(&state).outcome = Some(outcome);
                 // if the write fails the counter is saturated and the loop is awake anyway
@@ -124,6 +123,10 @@ fn converse(
     let Ok(mut stream) = connections.recv() else {
         return Outcome::Protocol("the vsock device went away before guest-init connected".into());
     };
+    // Filtered before the first byte from the guest is read; not earlier, because installing a filter
+    // takes a few hundred microseconds on some hosts, which would compete with the vCPU's way into the
+    // guest, and until now this thread has only waited.
+    crate::seccomp::apply_or_exit(crate::seccomp::Thread::Control);
     lock(state).connected_at = Some(Instant::now());
     match Message::read_from(&mut stream) {
         Ok(Message::Hello { version }) if version == VERSION => {}

@@ -114,8 +114,19 @@ enum ImageCommand {
     Rm { reference: String },
 }
 
+/// glibc gives each new thread that allocates its own malloc arena: a 64 MiB reservation trimmed with
+/// munmap, about 0.4 ms on the vCPU thread's way to its first KVM_RUN on a PVM host, and more resident
+/// memory. vmm's few threads allocate little and rarely at the same time: one arena serves them all.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets a malloc tunable; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
+    one_malloc_arena();
     die_with_parent();
     // Before any thread exists, so that every thread inherits the blocked mask.
     let signals = match runner::block_lifecycle_signals() {

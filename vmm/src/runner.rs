@@ -261,6 +261,13 @@ pub fn run(
     signals: OwnedFd,
     mut timeline: Timeline,
 ) -> Result<RunResult, RunError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (running_tx, running) = std::sync::mpsc::channel();
+    let pending = (0..config.vcpus)
+        .map(|index| vcpu::prestart(index, stop.clone(), running_tx.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::Thread)?;
+    drop(running_tx);
     let vm: Vm = builder::build(config, crate::initramfs::GUEST_INIT, &mut timeline)?;
     let control: Option<Control> = match &config.command {
         Some(spec) => Some(
@@ -315,14 +322,15 @@ pub fn run(
     em.add_subscriber(lifecycle.clone());
 
     vcpu::register_kick_signal().map_err(|e| RunError::Signals(e.into()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut handles: Vec<VcpuHandle> = Vec::new();
-    for (index, fd) in vm.vcpus.into_iter().enumerate() {
-        handles.push(
-            vcpu::spawn(index as u8, fd, vm.io.clone(), vm.end.clone(), stop.clone())
-                .map_err(RunError::Thread)?,
-        );
-    }
+    let handles: Vec<VcpuHandle> = pending
+        .into_iter()
+        .zip(vm.vcpus)
+        .map(|(thread, fd)| thread.start(fd, vm.io.clone(), vm.end.clone()))
+        .collect();
+    // Our own filter goes on once the boot vCPU is in the guest: installing one (the kernel compiles it)
+    // takes a few hundred microseconds on some hosts, which would otherwise hold up the first KVM_RUN.
+    // Nothing here has handled guest data yet; the event loop starts after this.
+    let _ = running.recv();
     crate::seccomp::apply(crate::seccomp::Thread::Vmm)?;
     timeline.mark("vcpus started");
 
@@ -343,9 +351,12 @@ pub fn run(
     // Teardown: one path for every ending.
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + VCPU_STOP_WAIT;
+    // A vCPU thread usually ends within microseconds of the kick: poll soon, then back off.
+    let mut pause = Duration::from_micros(20);
     while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
         handles.iter().for_each(VcpuHandle::kick);
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
     let exit_counts: Vec<ExitCounts> = handles.iter().map(VcpuHandle::counts).collect();
     let control_state = control

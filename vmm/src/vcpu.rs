@@ -105,23 +105,56 @@ pub fn register_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), noop)
 }
 
-/// Starts the thread of vCPU `index`.
-pub fn spawn(
-    index: u8,
-    mut vcpu: VcpuFd,
+/// What a started vCPU thread waits for: its vCPU and the devices its exits go to.
+struct VcpuWork {
+    vcpu: VcpuFd,
     io: Arc<IoManager>,
     end: Arc<VmEnd>,
+}
+
+/// A vCPU thread started ahead of its vCPU: it starts and installs its seccomp filter while the VM is
+/// being built (both take a few hundred microseconds on some hosts), then waits for [`Self::start`].
+pub struct PendingVcpu {
+    work: std::sync::mpsc::SyncSender<VcpuWork>,
+    handle: VcpuHandle,
+}
+
+/// Starts the thread of vCPU `index`. Once given its vCPU it sends on `running`, right before it enters
+/// the guest (and drops it, so a thread that ends first is noticed too). A thread whose
+/// [`PendingVcpu`] is dropped ends.
+pub fn prestart(
+    index: u8,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<VcpuHandle> {
+    running: std::sync::mpsc::Sender<()>,
+) -> std::io::Result<PendingVcpu> {
     let counts = Arc::new(Mutex::new(ExitCounts::default()));
     let thread_counts = counts.clone();
+    let (work, work_rx) = std::sync::mpsc::sync_channel::<VcpuWork>(1);
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
             crate::seccomp::apply_or_exit(crate::seccomp::Thread::Vcpu);
+            let Ok(VcpuWork { mut vcpu, io, end }) = work_rx.recv() else {
+                return;
+            };
+            let _ = running.send(());
+            drop(running);
             run_loop(&mut vcpu, &io, &end, &stop, &thread_counts)
         })?;
-    Ok(VcpuHandle { thread, counts })
+    Ok(PendingVcpu {
+        work,
+        handle: VcpuHandle { thread, counts },
+    })
+}
+
+impl PendingVcpu {
+    /// Hands the thread its vCPU: it enters the guest.
+    pub fn start(self, vcpu: VcpuFd, io: Arc<IoManager>, end: Arc<VmEnd>) -> VcpuHandle {
+        // Fails only if the thread has ended already (it could not install its filter, and has exited
+        // the process): the handle says so.
+        let _ = self.work.send(VcpuWork { vcpu, io, end });
+        self.handle
+    }
 }
 
 impl VcpuHandle {
