@@ -1,5 +1,8 @@
 //! Seccomp filters for vmm's threads: one allowlist per kind of thread, installed by each thread itself
-//! once the VM is set up (KVM file descriptors, guest memory, devices and vCPUs exist before any filter).
+//! before it handles anything the guest controls (KVM file descriptors, guest memory and devices exist
+//! before any filter). Installing one costs a few hundred microseconds on some hosts (the kernel compiles
+//! it), so each goes on where it costs least: a vCPU thread's while the VM is being built, the main
+//! thread's once the boot vCPU is in the guest, the control thread's when guest-init has connected.
 //!
 //! - `vmm`, the main thread: the event loop (virtio queues: block I/O, vsock), signals, timers, vCPU
 //!   kicks, the teardown, the result and trace files. Adds epoll, timerfd, file and socket I/O,
