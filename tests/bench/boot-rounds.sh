@@ -4,7 +4,7 @@
 #   vmm-init   vmm booting the bench image's own init (/sbin/bench-init: `reboot -f`) to its reset
 #   vmm-cmd    vmm --cmd true on the busybox image (guest-init, vsock, the command, teardown)
 #   qemu-init  QEMU microvm booting the same kernel and bench image to the same reset
-# then, when asked, vmm's stdout throughput runs. Prints one `bench-record {json}` line per run on stdout
+# then, when asked, vmm's throughput runs (stdout, and --copy-in/--copy-out of a workspace). Prints one `bench-record {json}` line per run on stdout
 # (report.py reads them) and progress on stderr. Wall times are bash's $EPOCHREALTIME around the command:
 # no wrapper process, nothing but the fork and exec.
 #
@@ -93,4 +93,22 @@ for (( k = 1; k <= tput_runs; k++ )); do
   counted=$(cat "$work/count")
   record vmm-tput "$k" "$rc" $(( ${t1/./} - ${t0/./} )) "$work/tput.json" ",\"bytes\":${counted:-0}"
   [ "$rc" -eq 0 ] || complain vmm-tput "$k" "$rc"
+
+  # the same number of bytes as a workspace: one big file and 64 small ones, copied in and back out
+  say "throughput run $k/$tput_runs: $tput_mib MiB copied in and out"
+  rm -rf "$work/ws" "$work/out" "$work/copy.json"
+  mkdir -p "$work/ws/small"
+  head -c $(( bytes - 64 * 16384 )) /dev/urandom > "$work/ws/big"
+  for (( f = 0; f < 64; f++ )); do head -c 16384 /dev/urandom > "$work/ws/small/$f"; done
+  t0=$EPOCHREALTIME
+  set +e
+  "$vmm" --kernel "$kernel" --rootfs "$cmd_img" --mem "$mem" --copy-in "$work/ws:/ws" \
+    --copy-out "/ws:$work/out" --cmd true --result "$work/copy.json" </dev/null 2>"$work/err" >/dev/null
+  rc=$?
+  set -e
+  t1=$EPOCHREALTIME
+  same=false
+  if diff -r "$work/ws" "$work/out/ws" >/dev/null 2>&1; then same=true; fi
+  record vmm-copy "$k" "$rc" $(( ${t1/./} - ${t0/./} )) "$work/copy.json" ",\"bytes\":$bytes,\"same\":$same"
+  [ "$rc" -eq 0 ] || complain vmm-copy "$k" "$rc"
 done

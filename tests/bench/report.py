@@ -242,7 +242,23 @@ def report_boot(records, title):
         if wrong:
             print(f"  NOTE: {len(wrong)} runs: wc -c counted a different number of bytes than the result's "
                   "stdout_bytes")
-    names = [f"{p}-{k}" for p, _ in variants for k in ("init", "cmd")] + ["qemu-init", "vmm-tput"]
+    copies, copies_bad = pick(records, "vmm-copy")
+    if copies or copies_bad:
+        print()
+        print("copy throughput: vmm --copy-in WS:/ws --copy-out /ws:OUT --cmd true (one big file, 64 of 16 KiB)")
+        tt = Table()
+        for way in ("copy_in", "copy_out"):
+            tt.add(f"{way.replace('_', '-')}: MiB/s (result's {way}_bytes over timings_ms.{way})",
+                   [r["result"][f"{way}_bytes"] / 2**20 / (r["result"]["timings_ms"][way] / 1000)
+                    for r in copies if r["result"]["timings_ms"].get(way)], unit="MiB/s")
+            tt.add(f"{way.replace('_', '-')} time", timing(copies, way))
+        tt.add("wall", wall_ms(copies))
+        tt.print()
+        differ = [r for r in copies if not r.get("same")]
+        sizes = ", ".join(sorted({f"{r['bytes'] / 2**20:g}" for r in copies})) or "n/a"
+        back = f"differs in {len(differ)} runs" if differ else "is identical (diff -r)"
+        print(f"  bytes: {sizes} MiB per run; the tree that came back {back}")
+    names = [f"{p}-{k}" for p, _ in variants for k in ("init", "cmd")] + ["qemu-init", "vmm-tput", "vmm-copy"]
     lines = failures(records, names)
     w = warmup_line(records, names[:-1])
     if lines or w:

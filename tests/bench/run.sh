@@ -14,7 +14,8 @@
 # It prints min/median/p90 per measurement (wall from exec to exit; vmm's phases from its --result JSON),
 # vmm's VM exits to user space, and the ratios against QEMU. Nothing asserts on time.
 #
-#   --throughput         also measure stdout throughput: vmm --cmd 'head -c BYTES /dev/zero' | wc -c
+#   --throughput         also measure stdout throughput: vmm --cmd 'head -c BYTES /dev/zero' | wc -c,
+#                        and copy throughput: --copy-in of a BYTES workspace and --copy-out of it back
 #   --throughput-mib M   bytes per throughput run in MiB (default 100)
 #   --throughput-runs R  throughput runs (default 1)
 #   --mem MIB            guest memory for every VM (default 1024, vmm's default)
