@@ -315,6 +315,9 @@ fn load_kernel(
     let path = config.kernel.display().to_string();
     match config.kernel_format {
         KernelFormat::Elf => {
+            // segments are mapped from the file rather than copied (see kernel_file.rs)
+            let mut file = crate::kernel_file::KernelFile::new(file)
+                .map_err(|e| BuildError::Open(path.clone(), e))?;
             let result = Elf::load(mem, None, &mut file, Some(HIMEM_START))
                 .map_err(|e| BuildError::LoadKernel(path, e))?;
             match result.pvh_boot_cap {
