@@ -2,9 +2,10 @@
 //!
 //! 1. record InitStarted; ignore SIGPIPE; block SIGCHLD (children are seen through a signalfd);
 //! 2. mount /proc, /sys, /dev; fill descriptors 0-2 (/dev/null) where closed; open /dev/kmsg;
-//! 3. read the `vmm.*` options, mount the root image under the overlay, switch root (RootMounted);
-//! 4. connect to the host over vsock (Connected); send Hello and the milestones so far;
-//! 5. if 3 failed, send `Error(Setup)` and stop here; else run the session (`session::serve`);
+//! 3. connect to the host over vsock (Connected); send Hello and the milestones so far (the host's
+//!    run request then arrives while step 4 runs);
+//! 4. read the `vmm.*` options, mount the root image under the overlay, switch root (RootMounted);
+//! 5. if 4 failed, send `Error(Setup)` and stop here; else run the session (`session::serve`);
 //! 6. half-close the connection and wait for the host to take the last frames and end the VM; `sync`, and reset
 //!    the VM (`reboot(RB_AUTOBOOT)`; with `reboot=k` the VMM sees the reset and ends the VM).
 //!
@@ -67,18 +68,8 @@ pub fn main() -> libc::c_int {
         }
     }
 
-    let root = early
-        .map_err(SetupError::from)
-        .and_then(|()| Ok(cmdline::read()?))
-        .and_then(|opts| Ok(mounts::setup_root(&opts)?));
-    match &root {
-        Ok(()) => {
-            timeline.mark(Milestone::RootMounted);
-            log::info("root file system ready (image read-only under a private overlay)");
-        }
-        Err(e) => log::error(&format!("setting up the root file system: {e}")),
-    }
-
+    // Connect and say Hello before setting up the root file system: the host answers with the run
+    // request while the image is being mounted, instead of after it, so its round trip costs nothing.
     let fd = match vsock::connect(CONTROL_PORT, CONNECT_DEADLINE) {
         Ok(fd) => fd,
         Err(e) => {
@@ -95,6 +86,18 @@ pub fn main() -> libc::c_int {
     if let Err(e) = hello {
         log::error(&format!("sending Hello to the host: {}", sys::describe(&e)));
         power_off(Some(chan));
+    }
+
+    let root = early
+        .map_err(SetupError::from)
+        .and_then(|()| Ok(cmdline::read()?))
+        .and_then(|opts| Ok(mounts::setup_root(&opts)?));
+    match &root {
+        Ok(()) => {
+            timeline.mark(Milestone::RootMounted);
+            log::info("root file system ready (image read-only under a private overlay)");
+        }
+        Err(e) => log::error(&format!("setting up the root file system: {e}")),
     }
 
     if let Err(e) = root {

@@ -38,7 +38,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # vmm's boot-only kernel command line without --console, for QEMU: BASE_CMDLINE from vmm/src/builder.rs,
 # then what builder.rs adds without a console and without --cmd. Read from the source so that the two stay
 # the same; the copy below is the fallback if the source no longer parses.
-fallback_base="reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp cryptomgr.notests tsc=reliable no_timer_check random.trust_cpu=on"
+fallback_base="reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp cryptomgr.notests tsc=reliable no_timer_check random.trust_cpu=on percpu_alloc=page"
 no_console="8250.nr_uarts=0 quiet"
 boot_only="root=/dev/vda ro rootfstype=ext4"
 

@@ -10,6 +10,7 @@ pub mod control;
 pub mod devices;
 pub mod image;
 pub mod initramfs;
+pub mod kernel_file;
 pub mod result;
 pub mod runner;
 pub mod seccomp;
