@@ -102,6 +102,8 @@ pub struct Vm {
     /// The kernel's log lines, with `--console`.
     pub printk: Arc<Mutex<PrintkLog>>,
     pub cmdline: String,
+    /// Host ranges of guest memory mapped from the kernel file (address, length).
+    pub file_backed: Vec<(usize, usize)>,
 }
 
 /// Builds the VM. `init` is the guest-init binary packed into the initramfs when a command is to run.
@@ -148,7 +150,7 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         .map_err(|e| BuildError::Kvm("create the PIT", e))?;
     timeline.mark("kvm and memory set up");
 
-    let (kernel, mode, entry) = load_kernel(config, &mem)?;
+    let (kernel, mode, entry, file_backed) = load_kernel(config, &mem)?;
     timeline.mark("kernel loaded");
 
     let (control_tx, control) = channel();
@@ -242,6 +244,7 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        file_backed,
     })
 }
 
@@ -317,11 +320,17 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// What loading the kernel gives: where it is, how it is entered, its entry point and the host ranges
+/// of guest memory mapped from its file.
+type LoadedKernel = (
+    KernelLoaderResult,
+    EntryMode,
+    GuestAddress,
+    Vec<(usize, usize)>,
+);
+
 /// Loads the kernel and decides how it is entered: PVH for an ELF with the note, else 64-bit.
-fn load_kernel(
-    config: &VmConfig,
-    mem: &GuestMemory,
-) -> Result<(KernelLoaderResult, EntryMode, GuestAddress), BuildError> {
+fn load_kernel(config: &VmConfig, mem: &GuestMemory) -> Result<LoadedKernel, BuildError> {
     let mut file = open_read_only(&config.kernel)?;
     let path = config.kernel.display().to_string();
     match config.kernel_format {
@@ -331,11 +340,14 @@ fn load_kernel(
                 .map_err(|e| BuildError::Open(path.clone(), e))?;
             let result = Elf::load(mem, None, &mut file, Some(HIMEM_START))
                 .map_err(|e| BuildError::LoadKernel(path, e))?;
+            let mapped = std::mem::take(&mut file.mapped);
             match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(entry) => Ok((result, EntryMode::Pvh, entry)),
+                PvhBootCapability::PvhEntryPresent(entry) => {
+                    Ok((result, EntryMode::Pvh, entry, mapped))
+                }
                 _ => {
                     // linux-loader does not return e_entry; a vmlinux's 64-bit entry is its load address
-                    Ok((result, EntryMode::Linux64, result.kernel_load))
+                    Ok((result, EntryMode::Linux64, result.kernel_load, mapped))
                 }
             }
         }
@@ -344,7 +356,7 @@ fn load_kernel(
                 .map_err(|e| BuildError::LoadKernel(path, e))?;
             // startup_64 sits 0x200 into the protected-mode code
             let entry = result.kernel_load.unchecked_add(0x200);
-            Ok((result, EntryMode::Linux64, entry))
+            Ok((result, EntryMode::Linux64, entry, Vec::new()))
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct KernelFile {
     pos: u64,
     /// Bytes mapped rather than read, for the tests and the curious.
     pub mapped_bytes: u64,
+    /// The host ranges (address, length) mapped from the file: there, mincore reports the page cache,
+    /// not what the guest touched.
+    pub mapped: Vec<(usize, usize)>,
 }
 
 impl KernelFile {
@@ -39,6 +42,7 @@ impl KernelFile {
             len,
             pos: 0,
             mapped_bytes: 0,
+            mapped: Vec::new(),
         })
     }
 
@@ -67,6 +71,7 @@ impl KernelFile {
         if got == libc::MAP_FAILED {
             return 0;
         }
+        self.mapped.push((dst as usize, whole as usize));
         whole as usize
     }
 }
