@@ -39,11 +39,6 @@ pub enum Fill {
     Eof,
 }
 
-/// The name of a message's type, for log lines (a payload can be large, and is the host's).
-pub fn message_name(msg: &Message) -> &'static str {
-    msg.name()
-}
-
 pub struct Channel {
     fd: OwnedFd,
     frames: FrameBuffer,

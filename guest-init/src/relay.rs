@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmm_protocol::{DecodeError, ExitStatus, Message, MAX_CHUNK};
 
-use crate::channel::{message_name, Channel, Fill};
+use crate::channel::{Channel, Fill};
 use crate::reaper::Reaper;
 use crate::spawn::Child;
 use crate::sys::{self, describe};
@@ -231,7 +231,7 @@ impl Relay<'_> {
             }
             other => crate::log::warn(&format!(
                 "ignoring an unexpected {} message from the host while the command runs",
-                message_name(&other)
+                other.name()
             )),
         }
     }

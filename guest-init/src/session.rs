@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vmm_protocol::{ErrorKind, ExitStatus, Message, Milestone, RunRequest};
 
-use crate::channel::{message_name, Channel, ChannelError};
+use crate::channel::{Channel, ChannelError};
 use crate::reaper::Reaper;
 use crate::relay::{self, RelayConfig, RelayError};
 use crate::spawn;
@@ -157,7 +157,7 @@ fn wait_for_run(
             }
             other => crate::log::warn(&format!(
                 "ignoring an unexpected {} message from the host before the run request",
-                message_name(&other)
+                other.name()
             )),
         }
     }

@@ -757,7 +757,7 @@ fn copy_in_lands_before_the_command_and_copy_out_comes_back_before_exit() {
     let failed = streams[1].as_ref().unwrap_err();
     assert!(failed.starts_with("/no/such/path: "), "{failed}");
     // the copy-out streams come after CommandExited and before Exit
-    let kinds: Vec<&str> = r.messages().map(crate::channel::message_name).collect();
+    let kinds: Vec<&str> = r.messages().map(Message::name).collect();
     let exited = r
         .messages()
         .position(|m| {

@@ -12,10 +12,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use vmm_protocol::chunks::{ChunkReader, ChunkSource, ChunkWriter};
 use vmm_protocol::tree::{self, PackStats};
-use vmm_protocol::{Message, MAX_CHUNK};
+use vmm_protocol::Message;
 
-use crate::channel::{message_name, Channel, ChannelError};
+use crate::channel::{Channel, ChannelError};
 use crate::sys::describe;
 
 /// How long the host may pause in the middle of a copy-in stream.
@@ -54,20 +55,34 @@ pub fn receive_all(
     let mut bytes = 0u64;
     for dest in dests {
         let dest = PathBuf::from(std::ffi::OsStr::from_bytes(dest));
-        let mut stream = CopyInStream::new(chan, held);
+        let mut stream = ChunkReader::new(CopyInChunks {
+            chan: &mut *chan,
+            held: &mut *held,
+            bytes: 0,
+            broken: None,
+        });
         if failed.is_none() {
             match unpack(&mut stream, &dest, owner) {
                 Ok(()) => {}
                 Err(why) => {
-                    if let Some(e) = stream.broken.take() {
+                    if let Some(e) = stream.source.broken.take() {
                         return Err(TransferError::Channel(e));
                     }
                     failed = Some(CopyInFailed { dest, why });
                 }
             }
         }
-        stream.drain()?;
-        bytes += stream.bytes;
+        // the rest of the stream (tar padding, or all of it after a failure) is read and dropped
+        if let Err(e) = io::copy(&mut stream, &mut io::sink()) {
+            return Err(TransferError::Channel(
+                stream
+                    .source
+                    .broken
+                    .take()
+                    .unwrap_or(ChannelError::Io(io::Error::new(e.kind(), e.to_string()))),
+            ));
+        }
+        bytes += stream.source.bytes;
     }
     Ok(match failed {
         Some(f) => Err(f),
@@ -139,70 +154,27 @@ fn create_owned_dirs(dest: &Path, owner: (u32, u32)) -> io::Result<()> {
     Ok(())
 }
 
-/// One copy-in stream as a reader: `CopyIn` payloads up to `CopyInEnd`.
-struct CopyInStream<'a> {
+/// The chunks of one copy-in stream: `CopyIn` payloads up to `CopyInEnd`.
+struct CopyInChunks<'a> {
     chan: &'a mut Channel,
     held: &'a mut Held,
-    chunk: Vec<u8>,
-    pos: usize,
-    ended: bool,
     bytes: u64,
     /// the channel failed (not the tar): the session cannot go on
     broken: Option<ChannelError>,
 }
 
-impl<'a> CopyInStream<'a> {
-    fn new(chan: &'a mut Channel, held: &'a mut Held) -> Self {
-        CopyInStream {
-            chan,
-            held,
-            chunk: Vec::new(),
-            pos: 0,
-            ended: false,
-            bytes: 0,
-            broken: None,
+impl ChunkSource for CopyInChunks<'_> {
+    fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.broken.is_some() {
+            return Err(io::Error::other("the connection to the host failed"));
         }
-    }
-
-    /// Reads and drops the rest of the stream.
-    fn drain(&mut self) -> Result<(), TransferError> {
-        let mut sink = vec![0u8; 64 * 1024];
         loop {
-            match self.read(&mut sink) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(TransferError::Channel(self.broken.take().unwrap_or(
-                        ChannelError::Io(io::Error::new(e.kind(), e.to_string())),
-                    )))
-                }
-            }
-        }
-    }
-}
-
-impl Read for CopyInStream<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.pos < self.chunk.len() {
-                let n = buf.len().min(self.chunk.len() - self.pos);
-                buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-                self.pos += n;
-                return Ok(n);
-            }
-            if self.ended || buf.is_empty() {
-                return Ok(0);
-            }
-            if self.broken.is_some() {
-                return Err(io::Error::other("the connection to the host failed"));
-            }
             match self.chan.recv_timeout(STREAM_STALL) {
                 Ok(Message::CopyIn(data)) => {
                     self.bytes += data.len() as u64;
-                    self.chunk = data;
-                    self.pos = 0;
+                    return Ok(Some(data));
                 }
-                Ok(Message::CopyInEnd) => self.ended = true,
+                Ok(Message::CopyInEnd) => return Ok(None),
                 Ok(m @ (Message::Signal(_) | Message::Stdin(_) | Message::StdinClosed)) => {
                     self.held.push(m)
                 }
@@ -211,7 +183,7 @@ impl Read for CopyInStream<'_> {
                         io::ErrorKind::InvalidData,
                         format!(
                             "the host sent {} in the middle of a copy-in stream",
-                            message_name(&other)
+                            other.name()
                         ),
                     );
                     self.broken = Some(ChannelError::Io(io::Error::new(e.kind(), e.to_string())));
@@ -233,10 +205,23 @@ pub fn send_all(chan: &mut Channel, paths: &[Vec<u8>]) -> Result<u64, TransferEr
     let mut bytes = 0;
     for path in paths {
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-        let mut sender = ChunkSender::new(chan);
-        match pack_one(&mut sender, &path) {
+        // the channel's own failure (not the file system's), which ends the session
+        let mut broken = None;
+        let packed = {
+            let mut sender = ChunkWriter::new(|data| {
+                chan.send(&Message::CopyOut(data)).map_err(|e| {
+                    let shown = io::Error::new(e.kind(), e.to_string());
+                    broken = Some(e);
+                    shown
+                })
+            });
+            pack_one(&mut sender, &path).and_then(|stats| sender.flush().map(|()| stats))
+        };
+        if let Some(e) = broken {
+            return Err(TransferError::Send(e));
+        }
+        match packed {
             Ok(stats) => {
-                sender.flush().map_err(TransferError::Send)?;
                 bytes += stats.file_bytes;
                 if stats.skipped > 0 {
                     crate::log::warn(&format!(
@@ -249,9 +234,6 @@ pub fn send_all(chan: &mut Channel, paths: &[Vec<u8>]) -> Result<u64, TransferEr
                     .map_err(TransferError::Send)?;
             }
             Err(e) => {
-                if let Some(e) = sender.broken.take() {
-                    return Err(TransferError::Send(e));
-                }
                 let message = format!("{}: {}", path.display(), describe(&e));
                 chan.send(&Message::CopyOutFailed(message))
                     .map_err(TransferError::Send)?;
@@ -261,7 +243,7 @@ pub fn send_all(chan: &mut Channel, paths: &[Vec<u8>]) -> Result<u64, TransferEr
     Ok(bytes)
 }
 
-fn pack_one(sender: &mut ChunkSender, path: &Path) -> io::Result<PackStats> {
+fn pack_one(sender: &mut impl Write, path: &Path) -> io::Result<PackStats> {
     let name = match (path.is_absolute(), path.file_name()) {
         (true, Some(name)) => PathBuf::from(name),
         _ => {
@@ -277,50 +259,4 @@ fn pack_one(sender: &mut ChunkSender, path: &Path) -> io::Result<PackStats> {
     let stats = tree::pack(&mut builder, path, &name)?;
     builder.finish()?;
     Ok(stats)
-}
-
-/// A writer that sends what it is given as `CopyOut` frames of up to `MAX_CHUNK` bytes.
-struct ChunkSender<'a> {
-    chan: &'a mut Channel,
-    buf: Vec<u8>,
-    /// the channel failed (not the file system): the session cannot go on
-    broken: Option<io::Error>,
-}
-
-impl<'a> ChunkSender<'a> {
-    fn new(chan: &'a mut Channel) -> Self {
-        ChunkSender {
-            chan,
-            buf: Vec::with_capacity(MAX_CHUNK),
-            broken: None,
-        }
-    }
-
-    fn send_buffered(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK));
-        if let Err(e) = self.chan.send(&Message::CopyOut(data)) {
-            let shown = io::Error::new(e.kind(), e.to_string());
-            self.broken = Some(e);
-            return Err(shown);
-        }
-        Ok(())
-    }
-}
-
-impl Write for ChunkSender<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(MAX_CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == MAX_CHUNK {
-            self.send_buffered()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buffered()
-    }
 }

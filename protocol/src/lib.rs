@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 
+pub mod chunks;
 pub mod tree;
 
 /// Protocol version sent in [`Message::Hello`]; a host refuses a guest with another version.

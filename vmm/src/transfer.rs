@@ -10,8 +10,9 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
+use vmm_protocol::chunks::{ChunkReader, ChunkSource, ChunkWriter};
 use vmm_protocol::tree;
-use vmm_protocol::{Message, ReadError, MAX_CHUNK};
+use vmm_protocol::{Message, ReadError};
 
 use crate::image::layer::{Extractor, MAX_TOTAL_BYTES};
 use crate::image::ImageError;
@@ -33,10 +34,7 @@ pub fn send_copy_in(
     dir: &Path,
     send: &mut dyn FnMut(Message) -> io::Result<()>,
 ) -> io::Result<u64> {
-    let mut chunks = ChunkWriter {
-        send: &mut *send,
-        buf: Vec::with_capacity(MAX_CHUNK),
-    };
+    let mut chunks = ChunkWriter::new(|data| send(Message::CopyIn(data)));
     let mut builder = tar::Builder::new(&mut chunks);
     let stats = tree::pack(&mut builder, dir, Path::new(""))?;
     builder.into_inner()?;
@@ -52,30 +50,6 @@ pub fn send_copy_in(
     Ok(stats.file_bytes)
 }
 
-struct ChunkWriter<'a> {
-    send: &'a mut dyn FnMut(Message) -> io::Result<()>,
-    buf: Vec<u8>,
-}
-
-impl Write for ChunkWriter<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(MAX_CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == MAX_CHUNK {
-            self.flush()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            let data = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK));
-            (self.send)(Message::CopyIn(data))?;
-        }
-        Ok(())
-    }
-}
-
 /// Receives one copy-out stream, whose first frame is `first`, reading the rest from `input`, into
 /// `host_dir` (created when missing). `guest_path` names the stream in messages. Returns the bytes of
 /// file data written.
@@ -85,32 +59,28 @@ pub fn receive_copy_out(
     guest_path: &str,
     host_dir: &Path,
 ) -> Result<u64, CopyOutError> {
-    let mut stream = CopyOutStream {
+    if let Message::CopyOutFailed(why) = first {
+        return Err(CopyOutError::Failed(why));
+    }
+    let mut stream = ChunkReader::new(CopyOutChunks {
         input,
-        chunk: Vec::new(),
-        pos: 0,
+        first: Some(first),
         end: None,
         broken: None,
-    };
-    stream.accept(first);
-    if let Some(Err(why)) = &stream.end {
-        if stream.chunk.is_empty() {
-            return Err(CopyOutError::Failed(why.clone()));
-        }
-    }
+    });
     let unpacked = unpack(&mut stream, guest_path, host_dir);
-    if let Some(why) = stream.broken.take() {
+    if let Some(why) = stream.source.broken.take() {
         return Err(CopyOutError::Protocol(why));
     }
     // what the tar left unread (padding, or everything after a refused entry)
     let drained = io::copy(&mut stream, &mut io::sink());
-    if let Some(why) = stream.broken.take() {
+    if let Some(why) = stream.source.broken.take() {
         return Err(CopyOutError::Protocol(why));
     }
     if let Err(e) = drained {
         return Err(CopyOutError::Protocol(e.to_string()));
     }
-    match (stream.end, unpacked) {
+    match (stream.source.end, unpacked) {
         (Some(Err(why)), _) => Err(CopyOutError::Failed(why)),
         (_, Err(why)) => Err(CopyOutError::Failed(format!(
             "{why}; nothing was written outside {}",
@@ -151,57 +121,52 @@ fn describe(e: ImageError) -> String {
     }
 }
 
-/// One copy-out stream as a reader: `CopyOut` payloads up to `CopyOutEnd` or `CopyOutFailed`.
-struct CopyOutStream<'a, R> {
+/// The chunks of one copy-out stream: `CopyOut` payloads up to `CopyOutEnd` or `CopyOutFailed`.
+struct CopyOutChunks<'a, R> {
     input: &'a mut R,
-    chunk: Vec<u8>,
-    pos: usize,
+    /// the stream's first frame, already read by the caller
+    first: Option<Message>,
     /// how the stream ended, once it has
     end: Option<Result<(), String>>,
     /// the guest broke the protocol
     broken: Option<String>,
 }
 
-impl<R: Read> CopyOutStream<'_, R> {
-    fn accept(&mut self, msg: Message) {
+impl<R: Read> ChunkSource for CopyOutChunks<'_, R> {
+    fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.broken.is_some() {
+            return Err(io::Error::other("the control channel broke"));
+        }
+        let msg = match self.first.take() {
+            Some(msg) => msg,
+            None => match Message::read_from(self.input) {
+                Ok(msg) => msg,
+                Err(ReadError::Closed) => {
+                    self.broken = Some("guest-init closed the control channel".into());
+                    return Err(io::Error::other("the control channel broke"));
+                }
+                Err(e) => {
+                    self.broken = Some(e.to_string());
+                    return Err(io::Error::other("the control channel broke"));
+                }
+            },
+        };
         match msg {
-            Message::CopyOut(data) => {
-                self.chunk = data;
-                self.pos = 0;
+            Message::CopyOut(data) => Ok(Some(data)),
+            Message::CopyOutEnd => {
+                self.end = Some(Ok(()));
+                Ok(None)
             }
-            Message::CopyOutEnd => self.end = Some(Ok(())),
-            Message::CopyOutFailed(why) => self.end = Some(Err(why)),
+            Message::CopyOutFailed(why) => {
+                self.end = Some(Err(why));
+                Ok(None)
+            }
             other => {
                 self.broken = Some(format!(
                     "unexpected frame in a copy-out stream: {}",
                     other.name()
-                ))
-            }
-        }
-    }
-}
-
-impl<R: Read> Read for CopyOutStream<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.pos < self.chunk.len() {
-                let n = buf.len().min(self.chunk.len() - self.pos);
-                buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-                self.pos += n;
-                return Ok(n);
-            }
-            if self.broken.is_some() {
-                return Err(io::Error::other("the control channel broke"));
-            }
-            if self.end.is_some() || buf.is_empty() {
-                return Ok(0);
-            }
-            match Message::read_from(self.input) {
-                Ok(msg) => self.accept(msg),
-                Err(ReadError::Closed) => {
-                    self.broken = Some("guest-init closed the control channel".into())
-                }
-                Err(e) => self.broken = Some(e.to_string()),
+                ));
+                Err(io::Error::other("the control channel broke"))
             }
         }
     }
