@@ -13,8 +13,13 @@ fn vmm_cmd(args: &[&str]) -> std::process::Output {
         .expect("start vmm")
 }
 
+/// A file of its own for each call: tests run in parallel, and one writing `disk.img` while another
+/// reads it would see it empty.
 fn temp(name: &str, content: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}-{name}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("vmm-cli-test-{}-{call}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
