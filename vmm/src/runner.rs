@@ -330,7 +330,8 @@ pub fn run(
     // Our own filter goes on once the boot vCPU is in the guest: installing one (the kernel compiles it)
     // takes a few hundred microseconds on some hosts, which would otherwise hold up the first KVM_RUN.
     // Nothing here has handled guest data yet; the event loop starts after this.
-    let _ = running.recv();
+    // Bounded: whatever the vCPU thread does, the event loop (and with it --timeout) must start.
+    let _ = running.recv_timeout(Duration::from_millis(100));
     crate::seccomp::apply(crate::seccomp::Thread::Vmm)?;
     timeline.mark("vcpus started");
 
