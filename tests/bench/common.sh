@@ -6,7 +6,7 @@ bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$bench_dir/../.." && pwd)
 cache=${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm}
 bench_cache=$cache/bench
-vmm_bin=$repo/target/release/vmm
+vmm_bin=$repo/target/x86_64-unknown-linux-gnu/release/vmm
 # python3 without pyenv's shims: they may not run inside the test host, and nothing third-party is needed
 python=/usr/bin/python3
 [ -x "$python" ] || python=python3

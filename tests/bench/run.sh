@@ -20,7 +20,7 @@
 #   --throughput-runs R  throughput runs (default 1)
 #   --mem MIB            guest memory for every VM (default 1024, vmm's default)
 #   --kernel PATH        guest kernel (default vmm's: ~/.cache/vmm/guest-vmlinux, built when missing)
-#   --vmm PATH           measure this vmm binary instead of building target/release/vmm
+#   --vmm PATH           measure this vmm binary instead of building target/x86_64-unknown-linux-gnu/release/vmm
 #   --vmm-b PATH         also measure a second vmm binary (e.g. a build before a change) in every round, and
 #                        print its ratio to the first: an A/B comparison under the same noise
 #   --save FILE          keep the raw records (one JSON line per run, with vmm's whole --result) in FILE
