@@ -107,3 +107,28 @@ fn help_exits_zero() {
     assert_code(&o, 0);
     assert!(stdout(&o).contains("--rootfs"));
 }
+
+/// The full-system tests' guard against a vmm that hangs past its own --timeout: it must describe the
+/// process's threads, kill it and fail the test, not wait forever.
+#[test]
+fn a_hung_process_is_described_killed_and_fails_its_test() {
+    let mut child = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("start sleep");
+    let pid = child.id();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_unless_hung(&mut child, std::time::Duration::from_millis(200))
+    }));
+    let message = match outcome {
+        Ok(status) => panic!("sleep 30 ended within 200 ms: {status}"),
+        Err(payload) => payload.downcast::<String>().map(|m| *m).unwrap_or_default(),
+    };
+    assert!(message.contains("it hung"), "{message}");
+    assert!(
+        message.contains("\"sleep\""),
+        "the thread's name: {message}"
+    );
+    assert!(message.contains("wchan"), "{message}");
+    assert!(process_gone(pid as i32), "killed and reaped");
+}

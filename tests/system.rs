@@ -92,7 +92,7 @@ fn output_is_streamed_while_the_command_runs() {
     stdin.write_all(b"go\n").expect("write stdin");
     drop(stdin);
     assert_eq!(r.next_line(), "after:go");
-    let status = r.child.wait().expect("wait");
+    let status = wait_unless_hung(&mut r.child, HUNG_AFTER);
     assert_eq!(status.code(), Some(0));
 }
 
@@ -199,7 +199,7 @@ fn sigterm_reaches_the_command_and_ends_the_vm() {
     assert_eq!(r.next_line(), "started");
     // SAFETY: kill() on our own child's pid.
     unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
-    let status = r.child.wait().expect("wait");
+    let status = wait_unless_hung(&mut r.child, HUNG_AFTER);
     // sh forwards nothing: the process group gets SIGTERM and sh dies of it
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }
@@ -401,8 +401,8 @@ fn two_vms_from_one_image_see_nothing_of_each_other() {
     }
     let out_a: Vec<String> = a.lines.by_ref().map_while(Result::ok).collect();
     let out_b: Vec<String> = b.lines.by_ref().map_while(Result::ok).collect();
-    assert_eq!(a.child.wait().expect("wait").code(), Some(0));
-    assert_eq!(b.child.wait().expect("wait").code(), Some(0));
+    assert_eq!(wait_unless_hung(&mut a.child, HUNG_AFTER).code(), Some(0));
+    assert_eq!(wait_unless_hung(&mut b.child, HUNG_AFTER).code(), Some(0));
     assert_eq!(out_a, ["/marker-a"]);
     assert_eq!(out_b, ["/marker-b"]);
 }

@@ -4,14 +4,20 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one vmm run may take before a test calls it hung. Every run of these tests has a --timeout
+/// of at most 120 s, so a vmm still running well past it is stuck where its own timeout cannot reach.
+/// A hang then fails its test with a description of where vmm's threads were, instead of stopping CI.
+pub const HUNG_AFTER: Duration = Duration::from_secs(300);
 
 /// The vmm binary cargo built for these tests.
 pub fn vmm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmm"))
 }
 
-/// A `vmm` command with a timeout that ends a stuck run, so a broken VM fails a test instead of hanging it.
+/// A `vmm` command with stdin closed; the tests give each run its --timeout.
 pub fn vmm() -> Command {
     let mut c = Command::new(vmm_bin());
     c.stdin(Stdio::null());
@@ -39,15 +45,115 @@ pub fn require_artifacts() {
 /// environment under investigation (see the notes on the run issue); a deterministic failure still fails.
 pub fn run(cmd: &mut Command) -> Output {
     require_artifacts();
-    let first = cmd.output().expect("start vmm");
+    let first = output_unless_hung(cmd);
     if code(&first) == 125 && stderr(&first).contains("triple-fault") {
         eprintln!(
             "warning: the guest triple-faulted; retrying once: {}",
             stderr(&first).trim()
         );
-        return cmd.output().expect("start vmm");
+        return output_unless_hung(cmd);
     }
     first
+}
+
+/// `cmd.output()`, except that a vmm still running after [`HUNG_AFTER`] is described (see
+/// [`describe_process`]), killed, and fails the test.
+#[track_caller]
+pub fn output_unless_hung(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    let stdout = read_in_background(child.stdout.take());
+    let stderr = read_in_background(child.stderr.take());
+    let status = wait_unless_hung(&mut child, HUNG_AFTER);
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn read_in_background(
+    pipe: Option<impl Read + Send + 'static>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+/// Waits for `child` to end; past `limit` describes it, kills it and panics.
+#[track_caller]
+pub fn wait_unless_hung(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for vmm") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let description = describe_process(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "vmm (pid {}) still ran after {limit:?} although its run has a --timeout: it hung\n{description}",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where each thread of process `pid` (and of its children) is: name, state, wait channel, the system
+/// call it is in (number and arguments), and the kernel stack where the kernel shows it.
+pub fn describe_process(pid: u32) -> String {
+    let mut out = String::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let mut children = Vec::new();
+    for task in tasks {
+        let read = |name: &str| {
+            std::fs::read_to_string(task.join(name))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| format!("({e})"))
+        };
+        let state = read("stat")
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default();
+        out += &format!(
+            "  task {} {:?}: state {state}, wchan {}, syscall {}\n",
+            task.file_name().unwrap_or_default().to_string_lossy(),
+            read("comm"),
+            read("wchan"),
+            read("syscall"),
+        );
+        let stack = read("stack");
+        if !stack.starts_with('(') && !stack.is_empty() {
+            for frame in stack.lines() {
+                out += &format!("      {frame}\n");
+            }
+        }
+        children.extend(
+            read("children")
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    for child in children {
+        out += &format!("child {child}:\n{}", describe_process(child));
+    }
+    out
 }
 
 pub fn stdout(o: &Output) -> String {
