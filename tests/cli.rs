@@ -132,3 +132,58 @@ fn a_hung_process_is_described_killed_and_fails_its_test() {
     assert!(message.contains("wchan"), "{message}");
     assert!(process_gone(pid as i32), "killed and reaped");
 }
+
+/// `--timeout` bounds the whole run, the steps before the VM included: a host tool that never returns
+/// (here a `debugfs` that sleeps, standing for any stuck step the event loop cannot interrupt) is ended
+/// by the watchdog, 5 s after the deadline, with 124 and one line; and the tool dies with vmm.
+#[test]
+fn timeout_ends_vmm_even_when_a_step_before_the_vm_is_stuck() {
+    let disk = temp("disk.img", &[0; 4096]);
+    let bin = disk.parent().expect("dir").join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let pid_file = bin.join("debugfs.pid");
+    let fake = bin.join("debugfs");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+            pid_file.display()
+        ),
+    )
+    .expect("write the fake debugfs");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(vmm_bin());
+    cmd.env("PATH", path).args([
+        "--timeout",
+        "0.5",
+        "--user",
+        "builder",
+        "--rootfs",
+        disk.to_str().expect("utf-8"),
+        "--kernel",
+        disk.to_str().expect("utf-8"),
+        "--cmd",
+        "true",
+    ]);
+    let o = output_unless_hung(&mut cmd);
+    assert_code(&o, 124);
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("--timeout"), "{err}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("the fake debugfs ran")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !process_gone(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(process_gone(pid), "the stuck tool outlived vmm");
+}

@@ -204,6 +204,40 @@ fn sigterm_reaches_the_command_and_ends_the_vm() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }
 
+/// A signal must end the run even when it cannot reach the command: here the command reads none of its
+/// stdin, so the stdin pump is blocked on a full channel to the guest, and the signal's frame could only
+/// queue behind it. vmm then ends the run at once instead of waiting for the guest (it used to wait
+/// forever, --timeout included).
+#[test]
+fn sigterm_ends_the_run_while_stdin_is_backed_up() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut r = spawn_script("echo started; sleep 100", Stdio::piped());
+    assert_eq!(r.next_line(), "started");
+    let mut stdin = r.child.stdin.take().expect("piped");
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
+    std::thread::spawn(move || {
+        let chunk = vec![b'y'; 64 << 10];
+        while stdin.write_all(&chunk).is_ok() {
+            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    });
+    // until the writer has stalled: everything between it and the guest is full
+    let mut last = u64::MAX;
+    for _ in 0..60 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = written.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // SAFETY: kill() on our own child's pid.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    let status = wait_unless_hung(&mut r.child, std::time::Duration::from_secs(60));
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}
+
 #[test]
 fn killing_the_parent_of_vmm_ends_vmm() {
     require_artifacts();
@@ -464,8 +498,14 @@ fn threads_while_running(extra: &[&str]) -> Vec<(String, u32, u32)> {
 fn every_thread_of_vmm_runs_under_its_seccomp_filter() {
     let threads = threads_while_running(&[]);
     // mode 2 is SECCOMP_MODE_FILTER; the control thread adds the clone3 filter, the stdin thread
-    // (started by it) inherits both and adds its own
-    let expected = [("control", 2), ("stdin", 3), ("vcpu0", 1), ("vmm", 1)];
+    // (started by it) inherits both and adds its own; --timeout's watchdog has its own
+    let expected = [
+        ("control", 2),
+        ("stdin", 3),
+        ("vcpu0", 1),
+        ("vmm", 1),
+        ("watchdog", 1),
+    ];
     let got: Vec<(&str, u32, u32)> = threads
         .iter()
         .map(|(name, mode, filters)| (name.as_str(), *mode, *filters))

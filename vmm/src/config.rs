@@ -406,7 +406,8 @@ fn parse_size(s: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
-fn parse_timeout(t: &str) -> Result<Duration, ConfigError> {
+/// `--timeout`: seconds, fractions allowed.
+pub fn parse_timeout(t: &str) -> Result<Duration, ConfigError> {
     let secs: f64 = t.parse().map_err(|_| ConfigError::Timeout(t.to_string()))?;
     if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
         return Err(ConfigError::Timeout(t.to_string()));

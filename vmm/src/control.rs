@@ -63,9 +63,21 @@ impl ControlWriter {
         }
     }
 
-    /// Forwards a signal to the command. Returns false if the guest is not connected (yet).
+    /// Forwards a signal to the command without ever blocking: the event loop calls it, and only the
+    /// event loop moves bytes from this socket to the guest. Returns false, and the caller ends the run at
+    /// once, when the frame cannot go out whole right now: the guest is not connected (yet), another
+    /// thread is mid-frame (the stdin pump, blocked while the guest reads none of its stdin), or the
+    /// socket is full. (A frame cut short there leaves the stream broken, which ending the run makes moot.)
     pub fn forward_signal(&self, signal: i32) -> bool {
-        self.send(&Message::Signal(signal)).is_ok()
+        let Ok(guard) = self.0.try_lock() else {
+            return false;
+        };
+        let Some(stream) = guard.as_ref() else {
+            return false;
+        };
+        let frame = Message::Signal(signal).encode();
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        matches!(rustix::net::send(stream, &frame, flags), Ok(n) if n == frame.len())
     }
 }
 
@@ -253,5 +265,49 @@ fn start_stdin_pump(mut stdin: Box<dyn Read + Send>, writer: ControlWriter) {
     if spawned.is_err() {
         // Without the pump the command gets no stdin: tell it so, rather than leave it waiting.
         let _ = closer.send(&Message::StdinClosed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer_and_peer() -> (ControlWriter, UnixStream) {
+        let (ours, peer) = UnixStream::pair().expect("socketpair");
+        (ControlWriter(Arc::new(Mutex::new(Some(ours)))), peer)
+    }
+
+    #[test]
+    fn a_forwarded_signal_arrives_as_one_frame() {
+        let (writer, mut peer) = writer_and_peer();
+        assert!(writer.forward_signal(libc::SIGTERM));
+        match Message::read_from(&mut peer) {
+            Ok(Message::Signal(sig)) => assert_eq!(sig, libc::SIGTERM),
+            other => panic!("expected a Signal frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn forwarding_a_signal_never_waits_for_the_guest() {
+        // not connected
+        assert!(!ControlWriter(Arc::new(Mutex::new(None))).forward_signal(libc::SIGTERM));
+
+        // another thread holds the writer, as the stdin pump does while it is blocked
+        let (writer, _peer) = writer_and_peer();
+        let held = writer.0.lock().expect("lock");
+        assert!(!writer.forward_signal(libc::SIGTERM));
+        drop(held);
+
+        // the socket is full: nobody drains it
+        let (writer, peer) = writer_and_peer();
+        {
+            let guard = writer.0.lock().expect("lock");
+            let stream = guard.as_ref().expect("connected");
+            let chunk = [0u8; 4096];
+            let flags = rustix::net::SendFlags::DONTWAIT;
+            while rustix::net::send(stream, &chunk, flags).is_ok() {}
+        }
+        assert!(!writer.forward_signal(libc::SIGTERM));
+        drop(peer);
     }
 }

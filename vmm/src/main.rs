@@ -154,6 +154,18 @@ fn main() -> ExitCode {
     if let Err(e) = vmm::seccomp::configure(cli.seccomp) {
         return fail(&e.to_string());
     }
+    // --timeout bounds the whole run, the image import and the user lookup included: the event loop's
+    // timer gets what is left of it, and the watchdog ends vmm if some step does not give way.
+    let timeout = match cli.timeout.as_deref().map(vmm::config::parse_timeout) {
+        Some(Err(e)) => return fail(&e.to_string()),
+        Some(Ok(t)) => Some(t),
+        None => None,
+    };
+    if let Some(t) = timeout {
+        if let Err(e) = vmm::watchdog::start(start + t) {
+            return fail(&format!("cannot start the --timeout watchdog thread: {e}"));
+        }
+    }
     let (mut rootfs, mut image, mut user_ids) = (cli.rootfs, None, None);
     if let Some(src) = &cli.image {
         let imported = store().and_then(|s| import_with_progress(&s, src));

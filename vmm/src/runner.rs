@@ -180,6 +180,11 @@ impl MutEventSubscriber for Lifecycle {
                 }
             }
             TOKEN_GRACE => {
+                // Re-armed by an earlier event of this same batch, which set its count back to zero:
+                // not due yet, and reading the (blocking) timer would stall the loop until it is.
+                if self.grace.is_armed().unwrap_or(false) {
+                    return;
+                }
                 let _ = self.grace.wait();
                 self.decide_on_grace();
             }
@@ -292,8 +297,12 @@ pub fn run(
     }
     let timeout = match config.timeout {
         Some(t) => {
+            // What is left of it: --timeout counts from vmm's start (a zero would disarm the timer)
+            let left = t
+                .saturating_sub(timeline.start().elapsed())
+                .max(Duration::from_micros(1));
             let mut fd = TimerFd::new().map_err(RunError::Timer)?;
-            fd.reset(t, None).map_err(RunError::Timer)?;
+            fd.reset(left, None).map_err(RunError::Timer)?;
             Some(fd)
         }
         None => None,

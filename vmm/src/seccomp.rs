@@ -13,6 +13,7 @@
 //!   files in and out of the VM (ordinary file-system calls), starting the stdin thread (threads, never a
 //!   process: `clone` only with pthread's flags, `clone3` answers ENOSYS).
 //! - `stdin`: reads our stdin and sends it on.
+//! - `watchdog`: `--timeout`'s backstop (see `watchdog.rs`): sleeps, polls stderr, ends the process.
 //!
 //! Every thread also gets `common()`: memory (never executable), futex wait/wake, signal masks and
 //! returns, clocks, randomness, writing to stderr, closing descriptors, ending, `abort()`.
@@ -77,11 +78,19 @@ pub enum Thread {
     Control,
     /// The pump from our stdin to the command.
     Stdin,
+    /// `--timeout`'s backstop.
+    Watchdog,
 }
 
 impl Thread {
     #[cfg(test)]
-    const ALL: [Thread; 4] = [Thread::Vmm, Thread::Vcpu, Thread::Control, Thread::Stdin];
+    const ALL: [Thread; 5] = [
+        Thread::Vmm,
+        Thread::Vcpu,
+        Thread::Control,
+        Thread::Stdin,
+        Thread::Watchdog,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -89,6 +98,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Control => "control",
             Thread::Stdin => "stdin",
+            Thread::Watchdog => "watchdog",
         }
     }
 
@@ -122,7 +132,7 @@ static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
 /// The compiled programs of each [`Thread`] kind, built by the first thread of that kind: compiling all
 /// of them up front would put a tenth of a millisecond on the way to the first KVM_RUN.
-static PROGRAMS: [OnceLock<Vec<BpfProgram>>; 4] = [const { OnceLock::new() }; 4];
+static PROGRAMS: [OnceLock<Vec<BpfProgram>>; 5] = [const { OnceLock::new() }; 5];
 
 /// Checks that the kernel can enforce `mode`, installs the SIGSYS handler of `trap` and records the mode
 /// for every thread. Call once, early in `main`, before any thread starts; the first call wins.
@@ -235,6 +245,7 @@ fn allowlist(thread: Thread, ids: &Ids) -> Built<Rules> {
         Thread::Vcpu => vcpu()?,
         Thread::Control => control()?,
         Thread::Stdin => stdin()?,
+        Thread::Watchdog => watchdog(),
     };
     for (nr, list) in extra {
         add(&mut rules, nr, list);
@@ -416,6 +427,16 @@ fn vcpu() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
     let mut list = any(&[libc::SYS_shutdown]);
     list.push(allow_ioctls(&[kvm::KVM_RUN()])?);
     Ok(list)
+}
+
+/// The watchdog: sleeping to its deadline, then asking whether stderr would take its line at once.
+fn watchdog() -> Vec<(i64, Vec<SeccompRule>)> {
+    any(&[
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ])
 }
 
 /// The control thread: the protocol over its Unix socket, the command's stdout and stderr, starting

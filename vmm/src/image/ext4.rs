@@ -4,7 +4,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::error::{ImageError, IoContext};
 
@@ -44,7 +43,7 @@ pub(crate) fn make_image(
     file.set_len(size_mib << 20)
         .ctx(|| format!("sizing {}", out.display()))?;
     drop(file);
-    let output = Command::new(&mkfs)
+    let output = crate::host_tool::command(&mkfs)
         .args([
             "-q",
             "-F",

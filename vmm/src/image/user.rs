@@ -3,7 +3,7 @@
 //! them inside the container.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use super::ImageError;
 
@@ -13,6 +13,10 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), ImageError>
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
+    if let (Ok(uid), Some(Ok(gid))) = (u.parse::<u32>(), g.map(str::parse::<u32>)) {
+        // numbers only: nothing to look up in the image
+        return Ok((uid, gid));
+    }
     let passwd = || read_file(rootfs, "/etc/passwd");
     let (uid, primary_gid) = match u.parse::<u32>() {
         Ok(uid) => {
@@ -66,7 +70,7 @@ fn lookup(text: &str, matches: impl Fn(&Vec<&str>) -> bool, field: usize) -> Opt
 }
 
 fn read_file(rootfs: &Path, path: &str) -> Result<String, ImageError> {
-    let out = Command::new("debugfs")
+    let out = crate::host_tool::command("debugfs")
         .arg("-R")
         .arg(format!("cat {path}"))
         .arg(rootfs)
