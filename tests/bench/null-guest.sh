@@ -8,7 +8,8 @@
 # isa-debug-exit on that port, QEMU). It runs here, directly (no test host; --allow-slow-host, as nothing
 # of a standard kernel runs), N times (default 5, or $VMM_BENCH_N), interleaved with QEMU microvm booting
 # the same file, plus one warm-up round that is not counted. It prints min/median/p90 of vmm's exec to
-# first KVM_RUN, teardown and total (from its --result JSON), the wall time of both from exec to exit,
+# first KVM_RUN, teardown and total (from its --result JSON), exec to vmm's start (a third run per round,
+# through exec-stamp.py and --trace: vmm cannot see its own exec), the wall time of both from exec to exit,
 # peak RSS of both (GNU time's %M, from wait4) and vmm's RSS beyond the guest pages it reports resident,
 # next to issue 5's targets (exec to first KVM_RUN <= 2 ms median; RSS beyond guest pages <= 2 MiB).
 #
@@ -90,6 +91,19 @@ sample_memory() {
   [ -n "$status" ] || say "$name (round $round): no /proc/$pid/status to read: it ended early ($(tail -n 2 "$work/$name.err" | tr '\n' ' '))"
 }
 
+# Spawns vmm (VMM ARGS...) through exec-stamp.py, which stamps CLOCK_MONOTONIC just before the spawn, and
+# prints a record with the stamp, vmm's start on the same clock and its setup (both from --trace).
+#   exec_one ROUND VMM ARGS...
+exec_one() {
+  local round=$1 out rc=0
+  shift
+  out=$("$python" "$bench_dir/exec-stamp.py" "$work/exec.trace" "$@" 2>"$work/exec.err") || rc=$?
+  [ -n "$out" ] || out=null
+  printf 'bench-record {"m":"vmm-exec","i":%d,"rc":%d,"wall_us":0,"maxrss_kib":null,"result":null,"exec":%s}\n' \
+    "$round" "$rc" "$out"
+  [ "$rc" -eq 0 ] || say "vmm-exec (round $round, status $rc) said: $(tail -n 3 "$work/exec.err" | tr '\n' ' ')"
+}
+
 # The measurement loop, run here or inside the test host. Prints records on stdout, progress on stderr.
 #   measure VMM NULL_ELF SPIN_ELF IMAGE MEM N WARMUP QEMU(0|1) SAMPLE_MS
 measure() {
@@ -116,6 +130,7 @@ measure() {
         -nodefaults -no-user-config -display none -no-reboot -kernel "$elf" \
         -device isa-debug-exit,iobase=0x64,iosize=1
     fi
+    exec_one "$r" "$vmm" --kernel "$elf" --rootfs "$image" --mem "$mem" --allow-slow-host
     rm -f "$work/spin.json"
     sample_memory vmm-spin "$r" "$work/spin.json" \
       "$vmm" --kernel "$spin" --rootfs "$image" --mem "$mem" --allow-slow-host --result "$work/spin.json"

@@ -33,6 +33,20 @@ fn us(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e9).round() / 1e3
 }
 
+/// `t` on CLOCK_MONOTONIC (which Instant reads on Linux), in nanoseconds: where the trace's zero lies on
+/// the clock that perf, ftrace and a launcher's own stamps use, so the trace can be lined up with them
+/// (the benchmarks take exec to vmm's start from it).
+fn clock_monotonic_ns_at(t: Instant) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, ours, and CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    now_ns.saturating_sub(t.elapsed().as_nanos() as u64)
+}
+
 fn meta(pid: u32, name: &str) -> Value {
     json!({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
 }
@@ -112,6 +126,7 @@ pub fn build(input: &TraceInput) -> Value {
         "traceEvents": events,
         "displayTimeUnit": "ms",
         "otherData": {
+            "start_clock_monotonic_ns": clock_monotonic_ns_at(input.start),
             "exit_code": r.exit_code,
             "exits": exits,
             "bytes": bytes,
@@ -239,5 +254,20 @@ mod tests {
         let printk = events.iter().find(|e| e["cat"] == "printk").unwrap();
         assert_eq!(printk["ts"].as_f64().unwrap(), 1000.0 + 10_000.0);
         assert_eq!(trace["otherData"]["exits"]["pio-write 0x440"], 5);
+        // the start on CLOCK_MONOTONIC: at most now, and not long before
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, ours.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let start_ns = trace["otherData"]["start_clock_monotonic_ns"]
+            .as_u64()
+            .expect("a number");
+        assert!(
+            start_ns <= now_ns && now_ns - start_ns < 60_000_000_000,
+            "{start_ns} vs {now_ns}"
+        );
     }
 }
