@@ -134,7 +134,7 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
     // worker has run, so the memory slot then takes 1-2 jiffies (4-8 ms at HZ=250) instead of tens of
     // microseconds. Firecracker and Cloud Hypervisor register memory first too.
     let mem_size = config.mem_mib << 20;
-    let mem = GuestMemory::from_ranges(&ram_regions(mem_size))
+    let mem = crate::guest_ram::map(&ram_regions(mem_size))
         .map_err(|e| BuildError::Memory(config.mem_mib, e.to_string()))?;
     register_memory(&vm_fd, &mem)?;
 

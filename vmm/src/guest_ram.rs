@@ -1,0 +1,161 @@
+//! Guest RAM: anonymous private memory reserved lazily (MAP_NORESERVE: a page costs nothing until the
+//! guest touches it), placed on 2 MiB boundaries and offered to transparent huge pages (MADV_HUGEPAGE,
+//! as QEMU does for guest RAM; the host's policy in /sys/kernel/mm/transparent_hugepage decides).
+//!
+//! Why: a booting kernel touches tens of MiB of its memory (the struct page array alone is 16 MiB per
+//! GiB), and each first touch of a 4 KiB page is a fault on the host and a nested-paging violation in
+//! KVM. With huge pages one fault backs 2 MiB, and KVM maps it with one large nested-paging entry, which
+//! needs the host address and the guest address to agree modulo 2 MiB: hence the alignment, which
+//! vm-memory's own mapping does not give on kernels before 6.7.
+
+use std::io;
+use std::ptr::null_mut;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestRegionMmap};
+
+use crate::devices::virtio::GuestMemory;
+
+/// The size of an x86-64 transparent huge page.
+const HUGE_PAGE: usize = 2 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestRamError {
+    #[error("cannot reserve {0} MiB of address space for guest memory: {1}")]
+    Map(usize, io::Error),
+    #[error("guest memory layout: {0}")]
+    Layout(String),
+}
+
+/// Maps guest RAM for `ranges` (guest address, size; sizes in whole pages).
+///
+/// The mappings stay until the process exits. vmm runs one VM per process, and devices and vCPU threads
+/// hold references to this memory until the very end, so no point before exit is safe to unmap it.
+pub fn map(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory, GuestRamError> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(guest, size) in ranges {
+        // Not the first 2 MiB: vmm writes the boot parameters, the command line and the MP table there
+        // before the guest runs, and a huge page would be allocated (zeroed, perhaps compacted for) on
+        // vmm's own way to the first KVM_RUN: 0.5 to 12 ms on this project's machines, against a few
+        // small pages.
+        let small_first = if guest.0 == 0 { HUGE_PAGE.min(size) } else { 0 };
+        let host = map_aligned(size, small_first).map_err(|e| GuestRamError::Map(size >> 20, e))?;
+        // SAFETY: `host` is the start of a live mapping of exactly `size` bytes that we made and never
+        // unmap (see above).
+        let builder = unsafe {
+            MmapRegionBuilder::new(size)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(host)
+        };
+        let region = builder
+            .build()
+            .map_err(|e| GuestRamError::Layout(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, guest)
+            .ok_or_else(|| GuestRamError::Layout(format!("a region at {guest:?} overflows")))?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| GuestRamError::Layout(e.to_string()))
+}
+
+/// An anonymous mapping of `size` bytes that starts on a 2 MiB boundary, with huge pages requested for
+/// all but its first `small_first` bytes.
+fn map_aligned(size: usize, small_first: usize) -> io::Result<*mut u8> {
+    let len = size
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing: no memory of ours changes.
+    let start = unsafe {
+        libc::mmap(
+            null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if start == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let start = start as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let head = aligned - start;
+    let tail = len - head - size;
+    // SAFETY: both ranges lie inside the mapping just made, outside [aligned, aligned + size), and
+    // nothing refers to them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(start as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + size) as *mut libc::c_void, tail);
+        }
+        // A request, not a requirement: a kernel without THP answers EINVAL, and the memory works the
+        // same with small pages.
+        if size > small_first {
+            libc::madvise(
+                (aligned + small_first) as *mut libc::c_void,
+                size - small_first,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    Ok(aligned as *mut u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn regions_start_on_huge_page_boundaries_and_hold_data() {
+        let mem = map(&crate::arch::layout::ram_regions(64 << 20)).expect("map");
+        for region in mem.iter() {
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .expect("write");
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).expect("read"),
+            0xdead_beef
+        );
+        assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    /// The VmFlags line of the mapping in /proc/self/smaps that holds `addr`.
+    fn vm_flags_at(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    inside = (start..end).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.to_string();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    fn huge_pages_are_requested_except_for_the_first_2_mib() {
+        let mem = map(&crate::arch::layout::ram_regions(64 << 20)).expect("map");
+        let base = mem.iter().next().expect("a region").as_ptr() as usize;
+        // "hg": VM_HUGEPAGE, which MADV_HUGEPAGE sets
+        let low = vm_flags_at(base);
+        let high = vm_flags_at(base + HUGE_PAGE);
+        assert!(!low.split_whitespace().any(|f| f == "hg"), "{low}");
+        assert!(high.split_whitespace().any(|f| f == "hg"), "{high}");
+    }
+}
