@@ -187,3 +187,27 @@ fn timeout_ends_vmm_even_when_a_step_before_the_vm_is_stuck() {
     }
     assert!(process_gone(pid), "the stuck tool outlived vmm");
 }
+
+/// vmm ships as one static-pie binary (.cargo/config.toml): no program interpreter to load, still
+/// position independent. A RUSTFLAGS in the environment replaces the config's flags and would quietly
+/// build a dynamic binary; this catches that.
+#[test]
+fn vmm_is_a_static_pie() {
+    let elf = std::fs::read(vmm_bin()).expect("read the vmm binary");
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]);
+    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(u16_at(16), 3, "ET_DYN: position independent");
+    let (phoff, phentsize, phnum) = (
+        u64_at(32) as usize,
+        u16_at(54) as usize,
+        u16_at(56) as usize,
+    );
+    const PT_INTERP: u32 = 3;
+    let interp = (0..phnum).any(|i| u32_at(phoff + i * phentsize) == PT_INTERP);
+    assert!(
+        !interp,
+        "vmm has a program interpreter: it was linked dynamically"
+    );
+}

@@ -206,8 +206,8 @@ fn sigterm_reaches_the_command_and_ends_the_vm() {
 
 /// A signal must end the run even when it cannot reach the command: here the command reads none of its
 /// stdin, so the stdin pump is blocked on a full channel to the guest, and the signal's frame could only
-/// queue behind it. vmm then ends the run at once instead of waiting for the guest (it used to wait
-/// forever, --timeout included).
+/// queue behind it. vmm keeps offering it and ends the run after the signal's grace period (it used to
+/// block its event loop forever, --timeout included).
 #[test]
 fn sigterm_ends_the_run_while_stdin_is_backed_up() {
     use std::sync::atomic::{AtomicU64, Ordering};

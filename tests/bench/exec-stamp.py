@@ -16,6 +16,10 @@ def main() -> None:
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     trace, argv = sys.argv[1], sys.argv[2:] + ["--trace", sys.argv[1]]
+    try:
+        os.unlink(trace)  # a failed run must not leave an earlier run's trace to be read
+    except FileNotFoundError:
+        pass
     devnull = os.open(os.devnull, os.O_RDWR)
     # posix_spawn, as a scheduler's runtime (and Rust's Command) starts a process: glibc uses
     # clone(CLONE_VM|CLONE_VFORK), so the new process's exec has no copy of this interpreter's memory to

@@ -277,7 +277,8 @@ def report_null(records, title):
           [None if vcpu_stats_missing(r) else r["result"]["timings_ms"].get("setup") for r in vn])
     # exec to vmm's start, from a separate run spawned by exec-stamp.py (vmm cannot see its own exec)
     ex = [r["exec"] for r in records if r["m"] == "vmm-exec" and r["i"] > 0 and r.get("exec")
-          and r["exec"].get("start_ns") and r["exec"].get("setup_ms") is not None]
+          and r["exec"].get("rc") == 0 and r["exec"].get("start_ns")
+          and (r["exec"].get("setup_ms") or 0) > 0]
     t.add("vmm: spawn + exec to its start (exec-stamp.py, --trace)",
           [(x["start_ns"] - x["exec_ns"]) / 1e6 for x in ex])
     s_setup = t.add("vmm: exec to first KVM_RUN (spawn stamp to first KVM_RUN)",

@@ -50,6 +50,18 @@ pub struct ControlState {
     pub copy_out_errors: Vec<String>,
 }
 
+/// What became of a signal to forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    Sent,
+    /// guest-init has not connected (yet): nobody to tell.
+    NotConnected,
+    /// The channel is busy or full right now; try again.
+    NotNow,
+    /// The channel can carry no more frames.
+    Broken,
+}
+
 /// Sends frames to the guest from several threads (stdin pump, signal forwarding).
 #[derive(Clone)]
 pub struct ControlWriter(Arc<Mutex<Option<UnixStream>>>);
@@ -64,20 +76,25 @@ impl ControlWriter {
     }
 
     /// Forwards a signal to the command without ever blocking: the event loop calls it, and only the
-    /// event loop moves bytes from this socket to the guest. Returns false, and the caller ends the run at
-    /// once, when the frame cannot go out whole right now: the guest is not connected (yet), another
-    /// thread is mid-frame (the stdin pump, blocked while the guest reads none of its stdin), or the
-    /// socket is full. (A frame cut short there leaves the stream broken, which ending the run makes moot.)
-    pub fn forward_signal(&self, signal: i32) -> bool {
+    /// event loop moves bytes from this socket to the guest, so a blocking write could wait forever.
+    pub fn forward_signal(&self, signal: i32) -> Forward {
         let Ok(guard) = self.0.try_lock() else {
-            return false;
+            // another thread is mid-frame (the stdin pump, perhaps blocked while the guest reads none
+            // of its stdin)
+            return Forward::NotNow;
         };
         let Some(stream) = guard.as_ref() else {
-            return false;
+            return Forward::NotConnected;
         };
         let frame = Message::Signal(signal).encode();
         let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
-        matches!(rustix::net::send(stream, &frame, flags), Ok(n) if n == frame.len())
+        match rustix::net::send(stream, &frame, flags) {
+            Ok(n) if n == frame.len() => Forward::Sent,
+            // Nothing went out: the socket is full, try again later.
+            Err(rustix::io::Errno::AGAIN) => Forward::NotNow,
+            // Part of a frame, or a dead socket: the stream cannot carry another frame.
+            _ => Forward::Broken,
+        }
     }
 }
 
@@ -280,7 +297,7 @@ mod tests {
     #[test]
     fn a_forwarded_signal_arrives_as_one_frame() {
         let (writer, mut peer) = writer_and_peer();
-        assert!(writer.forward_signal(libc::SIGTERM));
+        assert_eq!(writer.forward_signal(libc::SIGTERM), Forward::Sent);
         match Message::read_from(&mut peer) {
             Ok(Message::Signal(sig)) => assert_eq!(sig, libc::SIGTERM),
             other => panic!("expected a Signal frame, got {other:?}"),
@@ -290,12 +307,15 @@ mod tests {
     #[test]
     fn forwarding_a_signal_never_waits_for_the_guest() {
         // not connected
-        assert!(!ControlWriter(Arc::new(Mutex::new(None))).forward_signal(libc::SIGTERM));
+        assert_eq!(
+            ControlWriter(Arc::new(Mutex::new(None))).forward_signal(libc::SIGTERM),
+            Forward::NotConnected
+        );
 
         // another thread holds the writer, as the stdin pump does while it is blocked
         let (writer, _peer) = writer_and_peer();
         let held = writer.0.lock().expect("lock");
-        assert!(!writer.forward_signal(libc::SIGTERM));
+        assert_eq!(writer.forward_signal(libc::SIGTERM), Forward::NotNow);
         drop(held);
 
         // the socket is full: nobody drains it
@@ -307,7 +327,10 @@ mod tests {
             let flags = rustix::net::SendFlags::DONTWAIT;
             while rustix::net::send(stream, &chunk, flags).is_ok() {}
         }
-        assert!(!writer.forward_signal(libc::SIGTERM));
+        assert_eq!(writer.forward_signal(libc::SIGTERM), Forward::NotNow);
+
+        // the guest's end is gone
         drop(peer);
+        assert_eq!(writer.forward_signal(libc::SIGTERM), Forward::Broken);
     }
 }

@@ -238,7 +238,7 @@ fn main() -> ExitCode {
     if let Some(path) = &config.result_file {
         let written = serde_json::to_vec_pretty(&result)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(path, json));
+            .and_then(|json| write_whole(path, &json));
         if let Err(e) = written {
             eprintln!("vmm: cannot write the result to {}: {e}", path.display());
             return ExitCode::from(EXIT_VMM_FAILED as u8);
@@ -297,6 +297,19 @@ fn die_with_parent() {
         eprintln!("vmm: the process that started vmm has exited");
         std::process::exit(EXIT_VMM_FAILED);
     }
+}
+
+/// Writes `bytes` to `path` so that a reader sees the whole file or none: written beside it, then renamed
+/// over it. A scheduler polling for the result never parses half of one, even if vmm is killed mid-write.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = std::path::PathBuf::from(partial);
+    let written = std::fs::write(&partial, bytes).and_then(|_| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 fn fail(message: &str) -> ExitCode {

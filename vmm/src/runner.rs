@@ -13,13 +13,15 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::{self, BuildError, Vm};
 use crate::config::VmConfig;
-use crate::control::{self, Control, Outcome};
+use crate::control::{self, Control, Forward, Outcome};
 use crate::result::*;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, GuestEnd, VcpuHandle};
 
 /// How long the command gets to end after a forwarded SIGTERM/SIGINT before the VM is torn down.
 const SIGNAL_GRACE: Duration = Duration::from_secs(5);
+/// How often a signal that the control channel could not take is offered again.
+const SIGNAL_RETRY: Duration = Duration::from_millis(10);
 /// After the guest has ended, how long to wait for its last frames to reach us.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How long guest-init gets to connect before the guest is declared dead (a kernel that hangs at boot).
@@ -102,6 +104,9 @@ struct Lifecycle {
     signals: OwnedFd,
     timeout: Option<TimerFd>,
     grace: TimerFd,
+    /// A signal the control channel could not take yet, and the timer that retries it.
+    unsent_signal: Option<i32>,
+    retry: TimerFd,
     /// Set when the guest ended but the control channel may still hold its last frames.
     guest_ended: Option<GuestEnd>,
     pending_signal: Option<i32>,
@@ -114,6 +119,7 @@ const TOKEN_SIGNAL: u32 = 3;
 const TOKEN_TIMEOUT: u32 = 4;
 const TOKEN_GRACE: u32 = 5;
 const TOKEN_BOOT_DEADLINE: u32 = 6;
+const TOKEN_SIGNAL_RETRY: u32 = 7;
 
 impl Lifecycle {
     fn arm_grace(&mut self, after: Duration) {
@@ -138,10 +144,40 @@ impl Lifecycle {
             return;
         }
         self.pending_signal = Some(sig);
-        match &self.control {
-            Some((_, writer)) if writer.forward_signal(sig) => self.arm_grace(SIGNAL_GRACE),
-            _ => self.decision = Some(Decision::Signal(sig)),
+        let Some((_, writer)) = &self.control else {
+            self.decision = Some(Decision::Signal(sig));
+            return;
+        };
+        match writer.forward_signal(sig) {
+            Forward::Sent => self.arm_grace(SIGNAL_GRACE),
+            // Busy or full: keep trying while the grace period runs; if the signal never gets through
+            // (the command reads none of the stdin it is sent), the grace period ends the run.
+            Forward::NotNow => {
+                self.unsent_signal = Some(sig);
+                if self.retry.reset(SIGNAL_RETRY, Some(SIGNAL_RETRY)).is_err() {
+                    self.decision = Some(Decision::Signal(sig));
+                    return;
+                }
+                self.arm_grace(SIGNAL_GRACE);
+            }
+            Forward::NotConnected | Forward::Broken => self.decision = Some(Decision::Signal(sig)),
         }
+    }
+
+    fn retry_signal(&mut self) {
+        let Some(sig) = self.unsent_signal else {
+            return;
+        };
+        let Some((_, writer)) = &self.control else {
+            return;
+        };
+        match writer.forward_signal(sig) {
+            Forward::NotNow => return,
+            Forward::Sent => {}
+            Forward::NotConnected | Forward::Broken => self.decision = Some(Decision::Signal(sig)),
+        }
+        self.unsent_signal = None;
+        let _ = self.retry.clear();
     }
 }
 
@@ -179,6 +215,11 @@ impl MutEventSubscriber for Lifecycle {
                     self.decision = Some(Decision::BootTimeout);
                 }
             }
+            // periodic while armed; a stale event after clear() would block the read
+            TOKEN_SIGNAL_RETRY if self.retry.is_armed().unwrap_or(false) => {
+                let _ = self.retry.wait();
+                self.retry_signal();
+            }
             TOKEN_GRACE => {
                 // Re-armed by an earlier event of this same batch, which set its count back to zero:
                 // not due yet, and reading the (blocking) timer would stall the loop until it is.
@@ -197,6 +238,7 @@ impl MutEventSubscriber for Lifecycle {
             (self.vm_end.event().as_raw_fd(), TOKEN_VM_END),
             (self.signals.as_raw_fd(), TOKEN_SIGNAL),
             (self.grace.as_raw_fd(), TOKEN_GRACE),
+            (self.retry.as_raw_fd(), TOKEN_SIGNAL_RETRY),
         ];
         if let Some((fd, _)) = &self.control {
             fds.push((*fd, TOKEN_CONTROL));
@@ -324,6 +366,8 @@ pub fn run(
         signals,
         timeout,
         grace: TimerFd::new().map_err(RunError::Timer)?,
+        unsent_signal: None,
+        retry: TimerFd::new().map_err(RunError::Timer)?,
         guest_ended: None,
         pending_signal: None,
         decision: None,

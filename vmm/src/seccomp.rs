@@ -412,6 +412,12 @@ fn vmm(ids: &Ids) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
         SYS_newfstatat,
         SYS_fstat,
         SYS_lseek,
+        // --result is written beside its path and renamed over it (removed if that fails)
+        SYS_rename,
+        SYS_renameat,
+        SYS_renameat2,
+        SYS_unlink,
+        SYS_unlinkat,
     ]);
     list.push(arg_in(SYS_socketpair, 0, &[AF_UNIX as u64])?);
     list.push(allow_ioctls(&[FIONBIO])?);
@@ -429,9 +435,11 @@ fn vcpu() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
     Ok(list)
 }
 
-/// The watchdog: sleeping to its deadline, then asking whether stderr would take its line at once.
+/// The watchdog: sleeping to its deadline, then asking whether stderr would take its line at once, with
+/// an alarm as the backstop of that write.
 fn watchdog() -> Vec<(i64, Vec<SeccompRule>)> {
     any(&[
+        libc::SYS_alarm,
         libc::SYS_nanosleep,
         libc::SYS_clock_nanosleep,
         libc::SYS_poll,
