@@ -7,9 +7,10 @@
 # entry whose first instructions write 0xFE to port 0x64, the i8042 reset that ends a vmm VM (and, with
 # isa-debug-exit on that port, QEMU). It runs here, directly (no test host; --allow-slow-host, as nothing
 # of a standard kernel runs), N times (default 5, or $VMM_BENCH_N), interleaved with QEMU microvm booting
-# the same file, plus one warm-up round that is not counted. It prints min/median/p90 of vmm's exec to
-# first KVM_RUN, teardown and total (from its --result JSON), exec to vmm's start (a third run per round,
-# through exec-stamp.py and --trace: vmm cannot see its own exec), the wall time of both from exec to exit,
+# the same file, plus one warm-up round that is not counted. It prints min/median/p90 of vmm's start
+# (main) to first KVM_RUN, teardown and total (from its --result JSON), exec to vmm's start (a third run
+# per round, through exec-stamp.py and --trace: vmm cannot see its own exec) and so exec to first
+# KVM_RUN, the wall time of both from exec to exit,
 # peak RSS of both (GNU time's %M, from wait4) and vmm's RSS beyond the guest pages it reports resident,
 # next to issue 5's targets (exec to first KVM_RUN <= 2 ms median; RSS beyond guest pages <= 2 MiB).
 #

@@ -126,11 +126,7 @@ pub fn describe_process(pid: u32) -> String {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|e| format!("({e})"))
         };
-        let state = read("stat")
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
-            .unwrap_or_default();
+        let state = state_of(&read("stat")).unwrap_or_default().to_string();
         out += &format!(
             "  task {} {:?}: state {state}, wchan {}, syscall {}\n",
             task.file_name().unwrap_or_default().to_string_lossy(),
@@ -251,10 +247,12 @@ impl Running {
 pub fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|rest| rest.trim_start().starts_with('Z'))
-            .unwrap_or(true),
+        Ok(stat) => state_of(&stat) == Some("Z"),
     }
+}
+
+/// The state field (R, S, D, Z, ...) of a /proc/.../stat line; it follows the name, which may itself
+/// hold spaces and parentheses, hence the last ')'.
+fn state_of(stat: &str) -> Option<&str> {
+    stat.rsplit(')').next()?.split_whitespace().next()
 }

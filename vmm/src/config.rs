@@ -426,15 +426,9 @@ pub enum KvmFlavour {
     Unknown,
 }
 
-/// Looks at /proc/cpuinfo and the loaded modules.
-pub fn detect_kvm_flavour() -> KvmFlavour {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    classify_kvm(&cpuinfo, pvm_loaded())
-}
-
-/// Whether /dev/kvm is PVM: `detect_kvm_flavour() == KvmFlavour::Pvm`, but /proc/cpuinfo is read only
-/// where kvm_pvm is loaded. Producing it costs a tenth of a millisecond on two CPUs (the kernel asks
-/// every CPU for its frequency) and grows with the CPU count, on every run.
+/// Whether /dev/kvm is PVM, from the loaded modules and /proc/cpuinfo. /proc/cpuinfo is read only where
+/// kvm_pvm is loaded: producing it costs a tenth of a millisecond on two CPUs (the kernel asks every CPU
+/// for its frequency) and grows with the CPU count, on every run.
 pub fn is_pvm_host() -> bool {
     pvm_loaded()
         && classify_kvm(

@@ -19,6 +19,10 @@ use crate::devices::virtio::GuestMemory;
 /// The size of an x86-64 transparent huge page.
 const HUGE_PAGE: usize = 2 << 20;
 
+/// How guest RAM is mapped, as vm-memory is told too.
+const PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GuestRamError {
     #[error("cannot reserve {0} MiB of address space for guest memory: {1}")]
@@ -44,8 +48,8 @@ pub fn map(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory, GuestRamErro
         // unmap (see above).
         let builder = unsafe {
             MmapRegionBuilder::new(size)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_mmap_prot(PROT)
+                .with_mmap_flags(FLAGS)
                 .with_raw_mmap_pointer(host)
         };
         let region = builder
@@ -65,16 +69,7 @@ fn map_aligned(size: usize, small_first: usize) -> io::Result<*mut u8> {
         .checked_add(HUGE_PAGE)
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing: no memory of ours changes.
-    let start = unsafe {
-        libc::mmap(
-            null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
+    let start = unsafe { libc::mmap(null_mut(), len, PROT, FLAGS, -1, 0) };
     if start == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }

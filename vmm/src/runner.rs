@@ -104,8 +104,7 @@ struct Lifecycle {
     signals: OwnedFd,
     timeout: Option<TimerFd>,
     grace: TimerFd,
-    /// A signal the control channel could not take yet, and the timer that retries it.
-    unsent_signal: Option<i32>,
+    /// Armed while `pending_signal` waits for the control channel to take it: retries it.
     retry: TimerFd,
     /// Set when the guest ended but the control channel may still hold its last frames.
     guest_ended: Option<GuestEnd>,
@@ -153,7 +152,6 @@ impl Lifecycle {
             // Busy or full: keep trying while the grace period runs; if the signal never gets through
             // (the command reads none of the stdin it is sent), the grace period ends the run.
             Forward::NotNow => {
-                self.unsent_signal = Some(sig);
                 if self.retry.reset(SIGNAL_RETRY, Some(SIGNAL_RETRY)).is_err() {
                     self.decision = Some(Decision::Signal(sig));
                     return;
@@ -165,7 +163,7 @@ impl Lifecycle {
     }
 
     fn retry_signal(&mut self) {
-        let Some(sig) = self.unsent_signal else {
+        let Some(sig) = self.pending_signal else {
             return;
         };
         let Some((_, writer)) = &self.control else {
@@ -176,7 +174,6 @@ impl Lifecycle {
             Forward::Sent => {}
             Forward::NotConnected | Forward::Broken => self.decision = Some(Decision::Signal(sig)),
         }
-        self.unsent_signal = None;
         let _ = self.retry.clear();
     }
 }
@@ -366,7 +363,6 @@ pub fn run(
         signals,
         timeout,
         grace: TimerFd::new().map_err(RunError::Timer)?,
-        unsent_signal: None,
         retry: TimerFd::new().map_err(RunError::Timer)?,
         guest_ended: None,
         pending_signal: None,

@@ -83,7 +83,6 @@ pub enum Thread {
 }
 
 impl Thread {
-    #[cfg(test)]
     const ALL: [Thread; 5] = [
         Thread::Vmm,
         Thread::Vcpu,
@@ -132,7 +131,8 @@ static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
 /// The compiled programs of each [`Thread`] kind, built by the first thread of that kind: compiling all
 /// of them up front would put a tenth of a millisecond on the way to the first KVM_RUN.
-static PROGRAMS: [OnceLock<Vec<BpfProgram>>; 5] = [const { OnceLock::new() }; 5];
+static PROGRAMS: [OnceLock<Vec<BpfProgram>>; Thread::ALL.len()] =
+    [const { OnceLock::new() }; Thread::ALL.len()];
 
 /// Checks that the kernel can enforce `mode`, installs the SIGSYS handler of `trap` and records the mode
 /// for every thread. Call once, early in `main`, before any thread starts; the first call wins.

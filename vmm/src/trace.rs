@@ -37,14 +37,18 @@ fn us(d: Duration) -> f64 {
 /// the clock that perf, ftrace and a launcher's own stamps use, so the trace can be lined up with them
 /// (the benchmarks take exec to vmm's start from it).
 fn clock_monotonic_ns_at(t: Instant) -> u64 {
+    clock_monotonic_ns().saturating_sub(t.elapsed().as_nanos() as u64)
+}
+
+/// Now on CLOCK_MONOTONIC, in nanoseconds.
+fn clock_monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec, ours, and CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    now_ns.saturating_sub(t.elapsed().as_nanos() as u64)
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn meta(pid: u32, name: &str) -> Value {
@@ -255,13 +259,7 @@ mod tests {
         assert_eq!(printk["ts"].as_f64().unwrap(), 1000.0 + 10_000.0);
         assert_eq!(trace["otherData"]["exits"]["pio-write 0x440"], 5);
         // the start on CLOCK_MONOTONIC: at most now, and not long before
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec, ours.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let now_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let now_ns = clock_monotonic_ns();
         let start_ns = trace["otherData"]["start_clock_monotonic_ns"]
             .as_u64()
             .expect("a number");

@@ -74,3 +74,15 @@ fn end_process() -> ! {
     // VM, its memory and every descriptor, and the result file is not written: 124 says what happened).
     unsafe { libc::_exit(EXIT_TIMEOUT) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_names_the_grace_it_waited() {
+        let line = std::str::from_utf8(LINE).expect("utf-8");
+        assert!(line.contains(&format!(" {} s ", GRACE.as_secs())), "{line}");
+        assert!(line.ends_with('\n') && line.lines().count() == 1, "{line}");
+    }
+}
