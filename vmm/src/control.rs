@@ -50,6 +50,16 @@ pub struct ControlState {
     pub copy_out_errors: Vec<String>,
 }
 
+impl ControlState {
+    /// Keeps the first arrival of each milestone: a guest repeating them (14-byte frames in a loop)
+    /// must not grow this without bound.
+    pub fn record_milestone(&mut self, milestone: Milestone, boottime_ns: u64, at: Instant) {
+        if !self.milestones.iter().any(|(m, _, _)| *m == milestone) {
+            self.milestones.push((milestone, boottime_ns, at));
+        }
+    }
+}
+
 /// What became of a signal to forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forward {
@@ -209,9 +219,7 @@ fn converse(
                 milestone,
                 boottime_ns,
             }) => {
-                lock(state)
-                    .milestones
-                    .push((milestone, boottime_ns, Instant::now()));
+                lock(state).record_milestone(milestone, boottime_ns, Instant::now());
             }
             Ok(first @ (Message::CopyOut(_) | Message::CopyOutEnd | Message::CopyOutFailed(_))) => {
                 let Some((guest_path, host_dir)) = transfers.copy_out.get(copied_out) else {
@@ -292,6 +300,26 @@ mod tests {
     fn writer_and_peer() -> (ControlWriter, UnixStream) {
         let (ours, peer) = UnixStream::pair().expect("socketpair");
         (ControlWriter(Arc::new(Mutex::new(Some(ours)))), peer)
+    }
+
+    #[test]
+    fn each_milestone_is_kept_once_however_often_the_guest_sends_it() {
+        let mut state = ControlState::default();
+        let now = Instant::now();
+        for i in 0..100_000u64 {
+            for m in [Milestone::InitStarted, Milestone::CommandStarted] {
+                state.record_milestone(m, i, now);
+            }
+        }
+        let kept: Vec<_> = state
+            .milestones
+            .iter()
+            .map(|(m, ns, _)| (*m, *ns))
+            .collect();
+        assert_eq!(
+            kept,
+            [(Milestone::InitStarted, 0), (Milestone::CommandStarted, 0)]
+        );
     }
 
     #[test]

@@ -228,7 +228,7 @@ mod tests {
         fs::create_dir_all(src.join("a/b")).unwrap();
         fs::write(src.join("a/b/file"), vec![3u8; 200_000]).unwrap();
         std::os::unix::fs::symlink("b/file", src.join("a/link")).unwrap();
-        // the copy-in frames, turned into copy-out frames, unpack to the same tree
+        // the copy-in frames unpack as they were sent
         let mut tar_bytes = Vec::new();
         let mut ends = 0;
         send_copy_in(&src, &mut |m| {
@@ -241,10 +241,21 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ends, 1);
-        let out = dir.join("out");
-        let (r, left) = receive(frames(&tar_bytes), &out);
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let names: Vec<_> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().into_owned())
+            .collect();
+        assert!(names.contains(&PathBuf::from("a/b/file")), "{names:?}");
+        // the guest sends /guest/out under its own name, as guest-init packs it
+        let mut b = tar::Builder::new(Vec::new());
+        tree::pack(&mut b, &src, Path::new("out")).unwrap();
+        let host = dir.join("host");
+        let (r, left) = receive(frames(&b.into_inner().unwrap()), &host);
         assert_eq!(r, Ok(200_000));
         assert_eq!(left, 0);
+        let out = host.join("out");
         assert_eq!(fs::read(out.join("a/b/file")).unwrap(), vec![3u8; 200_000]);
         assert_eq!(
             fs::read_link(out.join("a/link")).unwrap(),
@@ -259,7 +270,7 @@ mod tests {
         let out = dir.join("out");
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (
-                raw_tar(&[("../escape", tar::EntryType::Regular, "", b"x")]),
+                raw_tar(&[("out/../../escape", tar::EntryType::Regular, "", b"x")]),
                 "`..` component",
             ),
             (
@@ -268,14 +279,18 @@ mod tests {
             ),
             (
                 raw_tar(&[
-                    ("l", tar::EntryType::Symlink, "..", b""),
-                    ("l/escape", tar::EntryType::Regular, "", b"x"),
+                    ("out/l", tar::EntryType::Symlink, "../..", b""),
+                    ("out/l/escape", tar::EntryType::Regular, "", b"x"),
                 ]),
                 "symbolic link",
             ),
             (
-                raw_tar(&[("h", tar::EntryType::Link, "../../etc/passwd", b"")]),
-                "`..` component",
+                raw_tar(&[("out/h", tar::EntryType::Link, "../../etc/passwd", b"")]),
+                "not under `out`",
+            ),
+            (
+                raw_tar(&[("Makefile", tar::EntryType::Regular, "", b"x")]),
+                "not under `out`",
             ),
         ];
         for (tar_bytes, want) in cases {

@@ -62,7 +62,9 @@ impl VmEnd {
     }
 }
 
-/// What kind of exit to user space, and where.
+/// What kind of exit to user space, and where. Only addresses where a device answers get a key of
+/// their own (a port, or the page of a device's MMIO window); every other access of a kind shares one
+/// key, so a guest touching millions of unbacked addresses cannot grow the counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ExitKind {
     PioRead(u16),
@@ -70,6 +72,27 @@ pub enum ExitKind {
     MmioRead(u64),
     MmioWrite(u64),
     Other(&'static str),
+}
+
+impl ExitKind {
+    fn pio(write: bool, port: u16, backed: bool) -> ExitKind {
+        match (write, backed) {
+            (false, true) => ExitKind::PioRead(port),
+            (true, true) => ExitKind::PioWrite(port),
+            (false, false) => ExitKind::Other("pio-read (no device)"),
+            (true, false) => ExitKind::Other("pio-write (no device)"),
+        }
+    }
+
+    fn mmio(write: bool, addr: u64, backed: bool) -> ExitKind {
+        let page = addr & !0xfff;
+        match (write, backed) {
+            (false, true) => ExitKind::MmioRead(page),
+            (true, true) => ExitKind::MmioWrite(page),
+            (false, false) => ExitKind::Other("mmio-read (no device)"),
+            (true, false) => ExitKind::Other("mmio-write (no device)"),
+        }
+    }
 }
 
 /// Exits to user space counted by kind and address, per vCPU.
@@ -190,25 +213,27 @@ fn run_loop(
         let exit = vcpu.run();
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                count(ExitKind::PioRead(port));
-                if io.pio_read(PioAddress(port), data).is_err() {
+                let backed = io.pio_read(PioAddress(port), data).is_ok();
+                if !backed {
                     // nothing there: the floating ISA bus reads as all ones
                     data.fill(0xff);
                 }
+                count(ExitKind::pio(false, port, backed));
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                count(ExitKind::PioWrite(port));
-                let _ = io.pio_write(PioAddress(port), data);
+                let backed = io.pio_write(PioAddress(port), data).is_ok();
+                count(ExitKind::pio(true, port, backed));
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                count(ExitKind::MmioRead(addr & !0xfff));
-                if io.mmio_read(MmioAddress(addr), data).is_err() {
+                let backed = io.mmio_read(MmioAddress(addr), data).is_ok();
+                if !backed {
                     data.fill(0);
                 }
+                count(ExitKind::mmio(false, addr, backed));
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                count(ExitKind::MmioWrite(addr & !0xfff));
-                let _ = io.mmio_write(MmioAddress(addr), data);
+                let backed = io.mmio_write(MmioAddress(addr), data).is_ok();
+                count(ExitKind::mmio(true, addr, backed));
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
                 count(ExitKind::Other("shutdown"));
@@ -248,5 +273,34 @@ fn run_loop(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unbacked_addresses_share_one_key_per_kind() {
+        let mut counts = ExitCounts::default();
+        // a guest sweeping 2^20 distinct pages of the MMIO gap and every port
+        for page in 0..(1u64 << 20) {
+            counts.count(ExitKind::mmio(page % 2 == 0, page << 12, false));
+        }
+        for port in 0..=u16::MAX {
+            counts.count(ExitKind::pio(port % 2 == 0, port, false));
+        }
+        assert_eq!(counts.counts.len(), 4);
+        assert_eq!(
+            counts.counts[&ExitKind::Other("mmio-write (no device)")],
+            1 << 19
+        );
+        // where a device answers, its page or port is its own key
+        counts.count(ExitKind::mmio(true, 0xd000_0070, true));
+        counts.count(ExitKind::mmio(true, 0xd000_0050, true));
+        counts.count(ExitKind::pio(false, 0x440, true));
+        assert_eq!(counts.counts[&ExitKind::MmioWrite(0xd000_0000)], 2);
+        assert_eq!(counts.counts[&ExitKind::PioRead(0x440)], 1);
+        assert_eq!(counts.counts.len(), 6);
     }
 }

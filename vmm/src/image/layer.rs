@@ -31,6 +31,12 @@ pub(crate) const MAX_TOTAL_BYTES: u64 = 64 << 30;
 const MAX_METADATA_BYTES: u64 = 4 << 20;
 /// Room kept free on the cache's file system.
 pub(crate) const SPACE_RESERVE: u64 = 256 << 20;
+/// Entries one extractor takes at most, whatever their size: an entry without data still costs an
+/// inode, a directory entry and memory for its bookkeeping. Real images have a few hundred thousand.
+pub(crate) const MAX_ENTRIES: u64 = 1_000_000;
+/// What each entry is charged against the space budget beyond its data (an inode, a directory entry,
+/// a share of a directory's blocks), so that a million empty files cannot hide from the budget.
+pub(crate) const ENTRY_COST: u64 = 1024;
 
 /// A compression this importer does not unpack, by name, from a stream's first bytes.
 pub(crate) fn unsupported_compression(head: &[u8]) -> Option<&'static str> {
@@ -180,10 +186,15 @@ struct DirMeta {
 struct LayerState<'l> {
     label: &'l str,
     touched: HashSet<PathBuf>,
+    /// without whiteouts nothing reads `touched`: a copy-out stream does not grow it
+    track: bool,
 }
 
 impl LayerState<'_> {
     fn touch(&mut self, rel: &Path) {
+        if !self.track {
+            return;
+        }
         let mut p = Some(rel);
         while let Some(cur) = p {
             if cur.as_os_str().is_empty() || !self.touched.insert(cur.to_path_buf()) {
@@ -204,6 +215,12 @@ pub(crate) struct Extractor {
     space_avail: u64,
     /// bytes of file data unpacked so far
     pub(crate) bytes: u64,
+    /// entries taken so far (each one charged [`ENTRY_COST`] against the space budget)
+    entries: u64,
+    max_entries: u64,
+    /// copy-out: the only first path component an entry may have (GUEST_PATH's own name), and the
+    /// host is protected from what the guest sends: no setuid, setgid or xattr other than `user.*`
+    copy_out_name: Option<std::ffi::OsString>,
     chown: bool,
     chown_noted: bool,
     /// apply OCI whiteouts (image layers); otherwise `.wh.*` are ordinary names
@@ -235,6 +252,9 @@ impl Extractor {
             space_budget: avail.saturating_sub(SPACE_RESERVE) / 2,
             space_avail: avail,
             bytes: 0,
+            entries: 0,
+            max_entries: MAX_ENTRIES,
+            copy_out_name: None,
             chown: true,
             chown_noted: false,
             whiteouts: true,
@@ -249,17 +269,38 @@ impl Extractor {
         })
     }
 
-    /// An extractor for a guest's copy-out stream into `root` (an existing directory that may hold
-    /// files already, which entries replace): no whiteouts, files belong to the user running vmm, the
-    /// root directory's own entry is ignored, and the whole free space (less a reserve) may be used.
-    pub(crate) fn for_copy_out(root: &Path, src: &str, max_total: u64) -> Result<Self, ImageError> {
-        let mut ex = Extractor::new(root, src, max_total)?;
+    /// An extractor for a guest's copy-out stream of `guest_path` into `root` (an existing directory
+    /// that may hold files already, which entries replace): every entry must lie under the guest
+    /// path's own name, no whiteouts, files belong to the user running vmm and lose their setuid and
+    /// setgid bits and every extended attribute but `user.*`, the root directory's own entry is
+    /// ignored, and the whole free space (less a reserve) may be used.
+    pub(crate) fn for_copy_out(
+        root: &Path,
+        guest_path: &str,
+        max_total: u64,
+    ) -> Result<Self, ImageError> {
+        let name = Path::new(guest_path)
+            .file_name()
+            .ok_or_else(|| ImageError::BadImage {
+                src: guest_path.to_string(),
+                why: "a copy-out path must name a file or directory".into(),
+            })?
+            .to_os_string();
+        let mut ex = Extractor::new(root, guest_path, max_total)?;
+        ex.copy_out_name = Some(name);
         ex.space_budget = ex.space_avail.saturating_sub(SPACE_RESERVE);
         ex.chown = false;
         ex.chown_noted = true;
         ex.whiteouts = false;
         ex.root_meta = false;
         Ok(ex)
+    }
+
+    /// Lowers the entry limit and the space budget, so that tests reach them with small inputs.
+    #[cfg(test)]
+    pub(crate) fn limit(&mut self, max_entries: u64, space_budget: u64) {
+        self.max_entries = max_entries;
+        self.space_budget = space_budget;
     }
 
     /// Applies one layer read from `input` (an uncompressed tar stream; `known_len` its length when
@@ -276,6 +317,7 @@ impl Extractor {
         let mut layer = LayerState {
             label,
             touched: HashSet::new(),
+            track: self.whiteouts,
         };
         self.checked_parent = None;
         let result = self.apply_entries(&mut archive, &budget, known_len, &mut layer);
@@ -405,6 +447,25 @@ impl Extractor {
             kind = tar::EntryType::Directory;
         }
 
+        self.count_entry(label)?;
+        if let Some(allowed) = &self.copy_out_name {
+            let first = rel.components().next().map(|c| c.as_os_str());
+            // the root entry itself (`./`) carries nothing and is ignored below
+            if first.is_some_and(|f| f != allowed.as_os_str()) {
+                let why = format!(
+                    "is not under `{}`, the name of the path asked for",
+                    allowed.to_string_lossy()
+                );
+                return Err(self.unsafe_path(layer, &raw_path, why));
+            }
+            meta.mode &= if kind == tar::EntryType::Directory {
+                0o1777
+            } else {
+                0o777
+            };
+            meta.xattrs.retain(|(name, _)| name.starts_with("user."));
+        }
+
         if let Some(name) = rel.file_name().filter(|_| self.whiteouts) {
             if name.as_bytes().starts_with(b".wh.") {
                 drain(&mut entry, &mut self.buf)
@@ -425,6 +486,7 @@ impl Extractor {
             }
             T::Link => {
                 let target = link.unwrap_or_default();
+                self.check_link_target(&target, &raw_path, layer)?;
                 self.make_hardlink(&rel, &raw_path, &target, layer)?
             }
             T::Char | T::Block | T::Fifo => self.specials += 1,
@@ -446,9 +508,50 @@ impl Extractor {
         }
     }
 
-    /// Counts `size` more bytes of file data against the limits.
+    /// Counts one more entry against the entry limit and the space budget.
+    fn count_entry(&mut self, label: &str) -> Result<(), ImageError> {
+        self.entries += 1;
+        if self.entries > self.max_entries {
+            return Err(ImageError::TooLarge {
+                src: self.src.clone(),
+                layer: label.to_string(),
+                why: format!("more than {} entries", self.max_entries),
+            });
+        }
+        self.account(0, label)
+    }
+
+    /// Copy-out: a hard link's target must lie under the path asked for, as every entry must.
+    fn check_link_target(
+        &self,
+        target: &[u8],
+        raw: &[u8],
+        layer: &LayerState,
+    ) -> Result<(), ImageError> {
+        let Some(allowed) = &self.copy_out_name else {
+            return Ok(());
+        };
+        let first = target
+            .split(|&b| b == b'/')
+            .find(|c| !c.is_empty() && *c != b".");
+        if first != Some(allowed.as_bytes()) {
+            let why = format!(
+                "is a hard link to `{}`, which is not under `{}`",
+                String::from_utf8_lossy(target),
+                allowed.to_string_lossy()
+            );
+            return Err(self.unsafe_path(layer, raw, why));
+        }
+        Ok(())
+    }
+
+    /// Counts `size` more bytes of file data against the limits (each entry taken so far is
+    /// charged [`ENTRY_COST`] on top against the disk's space).
     fn account(&mut self, size: u64, label: &str) -> Result<(), ImageError> {
         self.bytes = self.bytes.saturating_add(size);
+        let charged = self
+            .bytes
+            .saturating_add(self.entries.saturating_mul(ENTRY_COST));
         if self.bytes > self.max_total {
             return Err(ImageError::TooLarge {
                 src: self.src.clone(),
@@ -459,7 +562,7 @@ impl Extractor {
                 ),
             });
         }
-        if self.bytes > self.space_budget {
+        if charged > self.space_budget {
             return Err(ImageError::NoSpace {
                 // the cache directory (staging is <cache>/.tmp-*/root)
                 dir: self
@@ -469,7 +572,7 @@ impl Extractor {
                     .unwrap_or(&self.root)
                     .to_path_buf(),
                 src: self.src.clone(),
-                need_mib: mib(self.bytes.saturating_mul(2).saturating_add(SPACE_RESERVE)),
+                need_mib: mib(charged.saturating_mul(2).saturating_add(SPACE_RESERVE)),
                 avail_mib: mib(self.space_avail),
             });
         }

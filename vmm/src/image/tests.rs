@@ -1129,3 +1129,145 @@ fn bench_import_100mb() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// entries without data, and copy-out mode (the guest's stream into a host directory)
+
+/// Applies `tar` with an extractor limited to `max_entries` and `space` bytes of budget.
+fn apply_limited(
+    root: &Path,
+    copy_out: Option<&str>,
+    tar: &[u8],
+    max_entries: u64,
+    space: u64,
+) -> Result<(), ImageError> {
+    let mut ex = match copy_out {
+        Some(guest_path) => layer::Extractor::for_copy_out(root, guest_path, 1 << 40)?,
+        None => layer::Extractor::new(root, "test", 1 << 40)?,
+    };
+    ex.limit(max_entries, space);
+    ex.apply_layer(tar, None, "layer")?;
+    ex.finish(&mut |_| {})
+}
+
+#[test]
+fn entries_without_data_are_counted_and_charged() {
+    let many = |prefix: &str, n: usize| {
+        let mut t = Tar::new();
+        t.dir(prefix);
+        for i in 0..n {
+            t.file(&format!("{prefix}/e{i}"), b"", 0o644);
+        }
+        t.finish()
+    };
+    for copy_out in [None, Some("/guest/out")] {
+        let t = TempDir::new("entries");
+        // within both limits
+        apply_limited(&t.join(""), copy_out, &many("out", 99), 100, 1 << 20).unwrap();
+        // one entry too many
+        let t = TempDir::new("entries");
+        let err =
+            apply_limited(&t.join(""), copy_out, &many("out", 100), 100, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("more than 100 entries"), "{err}");
+        // empty files still cost space: 200 of them do not fit in 100 KiB
+        let t = TempDir::new("entries");
+        let err =
+            apply_limited(&t.join(""), copy_out, &many("out", 200), 1000, 100 << 10).unwrap_err();
+        assert!(matches!(err, ImageError::NoSpace { .. }), "{err}");
+    }
+}
+
+#[test]
+fn copy_out_takes_only_entries_under_the_name_asked_for() {
+    let t = TempDir::new("confined");
+    let host = t.join("host");
+    fs::create_dir(&host).unwrap();
+    fs::write(host.join("Makefile"), b"all: safe\n").unwrap();
+    fs::create_dir_all(host.join(".git/hooks")).unwrap();
+    let outside_names: [&[u8]; 4] = [
+        b"Makefile",
+        b".git/hooks/pre-commit",
+        b"./Makefile",
+        b"outer/x",
+    ];
+    for name in outside_names {
+        let mut tar = Tar::new();
+        tar.dir("out")
+            .raw(name, EntryType::Regular, b"", 5, b"evil\n");
+        let err =
+            apply_limited(&host, Some("/guest/out"), &tar.finish(), 100, 1 << 30).unwrap_err();
+        assert!(
+            unsafe_path(&err),
+            "{}: {err}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    // a hard link under the name to a host file beside it
+    let mut tar = Tar::new();
+    tar.dir("out").hardlink("out/mk", "Makefile");
+    let err = apply_limited(&host, Some("/guest/out"), &tar.finish(), 100, 1 << 30).unwrap_err();
+    assert!(unsafe_path(&err), "{err}");
+    assert_eq!(fs::read(host.join("Makefile")).unwrap(), b"all: safe\n");
+    assert!(!host.join(".git/hooks/pre-commit").exists());
+    assert!(!host.join("out/mk").exists());
+    // what is under the name lands, links inside it included
+    let mut tar = Tar::new();
+    tar.dir("out")
+        .file("out/a", b"a", 0o644)
+        .hardlink("out/b", "out/a");
+    apply_limited(&host, Some("/guest/out"), &tar.finish(), 100, 1 << 30).unwrap();
+    assert_eq!(fs::read(host.join("out/b")).unwrap(), b"a");
+    // a single file asked for by name
+    let mut tar = Tar::new();
+    tar.file("log.txt", b"log", 0o644);
+    apply_limited(&host, Some("/var/log.txt"), &tar.finish(), 100, 1 << 30).unwrap();
+    assert_eq!(fs::read(host.join("log.txt")).unwrap(), b"log");
+}
+
+#[test]
+fn copy_out_drops_setuid_setgid_and_all_but_user_xattrs() {
+    let t = TempDir::new("suid");
+    let host = t.join("host");
+    fs::create_dir(&host).unwrap();
+    let mut tar = Tar::new();
+    tar.dir("out")
+        .pax(&[
+            ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02"),
+            ("SCHILY.xattr.trusted.evil", b"1"),
+            ("SCHILY.xattr.user.note", b"kept"),
+        ])
+        .file("out/suid", b"#!/bin/sh\n", 0o6755);
+    tar.0
+        .append_data(
+            &mut header(EntryType::Directory, 0o7777, 0),
+            "out/sticky",
+            std::io::empty(),
+        )
+        .unwrap();
+    apply_limited(&host, Some("/guest/out"), &tar.finish(), 100, 1 << 30).unwrap();
+    let mode = |p: &str| fs::symlink_metadata(host.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("out/suid"), 0o755);
+    assert_eq!(mode("out/sticky"), 0o1777);
+    let file = host.join("out/suid");
+    for name in ["security.capability", "trusted.evil"] {
+        assert!(
+            rustix::fs::lgetxattr(&file, name, &mut [0u8; 64]).is_err(),
+            "{name} reached the host"
+        );
+    }
+    if xattrs_supported() {
+        let mut buf = [0u8; 16];
+        let n = rustix::fs::lgetxattr(&file, "user.note", &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"kept");
+    }
+    // an image keeps its setuid bits (they are the guest's, in an ext4 for the guest)
+    let img = t.join("img");
+    fs::create_dir(&img).unwrap();
+    let mut tar = Tar::new();
+    tar.file("suid", b"x", 0o4755);
+    apply_limited(&img, None, &tar.finish(), 100, 1 << 30).unwrap();
+    assert_eq!(
+        fs::symlink_metadata(img.join("suid")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+}

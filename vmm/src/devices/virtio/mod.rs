@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
@@ -87,6 +87,60 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
             .copied()
             .unwrap_or(0);
     }
+}
+
+/// A chain popped off a queue: usable, or refused (its head index, to be returned unused).
+pub type PoppedChain<'m> = Result<DescriptorChain<&'m GuestMemory>, u16>;
+
+/// Pops the next chain the driver made available. Unless `indirect_negotiated`
+/// (VIRTIO_RING_F_INDIRECT_DESC, which no device of ours offers), a chain that refers to an indirect
+/// table is refused without being followed: virtio-queue would follow it, and a table of up to 64 Ki
+/// descriptors behind each of the queue's chains would cost millions of guest reads per pass.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+    indirect_negotiated: bool,
+) -> Option<PoppedChain<'m>> {
+    let chain = queue.pop_descriptor_chain(mem)?;
+    if !indirect_negotiated
+        && refers_to_indirect(mem, queue.desc_table(), queue.size(), chain.head_index())
+    {
+        return Some(Err(chain.head_index()));
+    }
+    Some(Ok(chain))
+}
+
+/// Whether the chain at `head` of the descriptor table at `table` (of `size` entries) has a descriptor
+/// with VRING_DESC_F_INDIRECT. Walks at most `size` descriptors, as the chain's own iterator does.
+fn refers_to_indirect(mem: &GuestMemory, table: u64, size: u16, head: u16) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return false;
+        }
+        let at = table.checked_add(u64::from(index) * 16);
+        let Some(descriptor) = at.and_then(|at| {
+            mem.read_obj::<virtio_queue::desc::RawDescriptor>(GuestAddress(at))
+                .ok()
+        }) else {
+            return false;
+        };
+        let descriptor = virtio_queue::desc::split::Descriptor::from(descriptor);
+        if descriptor.refers_to_indirect_table() {
+            return true;
+        }
+        if !descriptor.has_next() {
+            return false;
+        }
+        index = descriptor.next();
+    }
+    false
+}
+
+/// Whether the driver acknowledged VIRTIO_RING_F_INDIRECT_DESC.
+pub fn indirect_negotiated(acked_features: u64) -> bool {
+    acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0
 }
 
 /// What a device receives when the driver sets DRIVER_OK: everything it needs to serve its queues.

@@ -107,6 +107,8 @@ struct ActiveQueue {
     mem: GuestMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
+    /// VIRTIO_RING_F_INDIRECT_DESC was negotiated (never, as it is not offered)
+    indirect: bool,
 }
 
 impl Block {
@@ -167,18 +169,29 @@ impl Block {
         };
         let mut completed = 0usize;
         while completed < MAX_CHAINS_PER_WAKE {
-            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+            let Some(popped) = super::pop_chain(&mut active.queue, &active.mem, active.indirect)
+            else {
                 break;
             };
-            let head = chain.head_index();
-            let used_len = serve(
-                &self.disk,
-                &self.serial,
-                &active.mem,
-                chain,
-                &mut self.stats,
-                &mut self.reported_io_error,
-            );
+            let (head, used_len) = match popped {
+                Ok(chain) => (
+                    chain.head_index(),
+                    serve(
+                        &self.disk,
+                        &self.serial,
+                        &active.mem,
+                        chain,
+                        &mut self.stats,
+                        &mut self.reported_io_error,
+                    ),
+                ),
+                Err(head) => {
+                    // not followed, so there is no status byte to write
+                    self.stats.requests += 1;
+                    self.stats.failed_requests += 1;
+                    (head, 0)
+                }
+            };
             completed += 1;
             // Fails only for a head index past the queue size, which the driver made up: the chain is
             // consumed either way, and there is no used slot to report it in.
@@ -350,7 +363,7 @@ impl VirtioDevice for Block {
             mem,
             queues,
             interrupt,
-            acked_features: _,
+            acked_features,
         } = ctx;
         let mut queues = queues.into_iter();
         let (Some(queue), None) = (queues.next(), queues.next()) else {
@@ -363,6 +376,7 @@ impl VirtioDevice for Block {
             mem,
             queue,
             interrupt,
+            indirect: super::indirect_negotiated(acked_features),
         });
         Ok(())
     }

@@ -805,3 +805,61 @@ fn event_loop_drains_before_activation_and_serves_after() {
     assert_eq!(interrupt.irqfd().read().unwrap(), 1);
     assert_eq!(block.lock().unwrap().stats().bytes_read, 512);
 }
+
+#[test]
+fn indirect_chains_are_refused_unread_when_not_negotiated() {
+    let image = Image::new();
+    let mut block = image.device(true);
+    assert_eq!(
+        block.features() & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC),
+        0,
+        "INDIRECT is not offered"
+    );
+    let mem = memory();
+    // an indirect table of 4 valid descriptors: a read of sector 0, which must not happen
+    prepare(&mem, VIRTIO_BLK_T_IN, 0);
+    let table = GuestAddress(0x30_0000);
+    let entries: [(u64, u32, u32); 3] = [
+        (HEADER_ADDR, 16, R),
+        (DATA_ADDR, 512, W),
+        (STATUS_ADDR, 1, W),
+    ];
+    for (i, &(addr, len, flags)) in entries.iter().enumerate() {
+        let next = if i + 1 < entries.len() {
+            VRING_DESC_F_NEXT
+        } else {
+            0
+        };
+        let d = RawDescriptor::from(Descriptor::new(
+            addr,
+            len,
+            (flags | next) as u16,
+            i as u16 + 1,
+        ));
+        mem.write_obj(d, GuestAddress(table.0 + i as u64 * 16))
+            .unwrap();
+    }
+    mem.write_slice(&[0u8; 512], GuestAddress(DATA_ADDR))
+        .unwrap();
+    let mock = MockSplitQueue::new(&mem, 16);
+    // the indirect descriptor second in its chain, after a plain one
+    offer(
+        &mock,
+        0,
+        &[
+            (HEADER_ADDR, 16, R),
+            (
+                table.0,
+                48,
+                virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT,
+            ),
+        ],
+    );
+    activate(&mut block, &mem, &mock);
+    block.process_queue();
+    assert_eq!(used_count(&mock), 1);
+    assert_eq!(used(&mock, 0), (0, 0));
+    assert_eq!(status(&mem), UNTOUCHED);
+    assert_eq!(guest_bytes(&mem, DATA_ADDR, 512), vec![0u8; 512]);
+    assert_eq!(block.stats().failed_requests, 1);
+}

@@ -21,7 +21,8 @@ use super::{
     Error, EVENT_QUEUE, HOST_CID, MAX_PKT_DATA, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_VSOCK,
 };
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    indirect_negotiated, pop_chain, ActivateContext, ActivateError, GuestMemory, Interrupt,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
@@ -40,6 +41,8 @@ struct Active {
     /// as the VM is never migrated or snapshotted).
     _event: Queue,
     interrupt: Arc<Interrupt>,
+    /// VIRTIO_RING_F_INDIRECT_DESC was negotiated (never, as it is not offered)
+    indirect: bool,
 }
 
 /// The virtio-vsock device. See the module documentation of [`super`].
@@ -61,7 +64,8 @@ impl Vsock {
     /// `guest_cid` >= 3. `listeners`: host ports the guest may connect to. When the guest connects to
     /// (CID 2, port P) and P is a key, the device creates a `UnixStream::pair()`, keeps one end
     /// (non-blocking, watched by the event loop) and sends the other end through the Sender; the VMM's
-    /// control logic then reads/writes plain bytes on it with blocking I/O on another thread.
+    /// control logic then reads/writes plain bytes on it with blocking I/O on another thread. Each
+    /// port takes one connection; later requests to it are refused (RST).
     pub fn new(guest_cid: u64, listeners: HashMap<u32, Sender<UnixStream>>) -> io::Result<Self> {
         // 0-2 are reserved (hypervisor, local, host); the upper 32 bits are reserved by the spec and
         // u32::MAX is VMADDR_CID_ANY.
@@ -148,7 +152,7 @@ impl Vsock {
         let mem = &active.mem;
         let mut used_any = false;
         let mut budget = CHAINS_PER_PASS;
-        while let Some(chain) = active.tx.pop_descriptor_chain(mem) {
+        while let Some(popped) = pop_chain(&mut active.tx, mem, active.indirect) {
             if budget == 0 {
                 // Come back after the other event sources have had their turn.
                 active.tx.go_to_previous_position();
@@ -158,8 +162,13 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let head = chain.head_index();
-            let parsed = read_tx_packet(mem, chain, &mut self.tx_payload);
+            let (head, parsed) = match popped {
+                Ok(chain) => (
+                    chain.head_index(),
+                    read_tx_packet(mem, chain, &mut self.tx_payload),
+                ),
+                Err(head) => (head, Err(None)),
+            };
             // The payload has been copied out: the buffer goes back to the guest first.
             if active.tx.add_used(mem, head, 0).is_err() {
                 // The used ring is not writable: the queue is unusable until the driver resets it.
@@ -196,13 +205,16 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let Some(chain) = active.rx.pop_descriptor_chain(mem) else {
+            let Some(popped) = pop_chain(&mut active.rx, mem, active.indirect) else {
                 // Out of buffers: the guest's next rx kick resumes.
                 break;
             };
-            let head = chain.head_index();
-            let used_len = match chain.writer(mem) {
-                Ok(mut writer) if packet::payload_capacity(&writer).is_some() => {
+            let (head, writer) = match popped {
+                Ok(chain) => (chain.head_index(), chain.writer(mem).ok()),
+                Err(head) => (head, None),
+            };
+            let used_len = match writer {
+                Some(mut writer) if packet::payload_capacity(&writer).is_some() => {
                     match self.muxer.fill_rx(&mut writer) {
                         Some(len) => len,
                         None => {
@@ -293,6 +305,7 @@ impl VirtioDevice for Vsock {
             tx,
             _event: event,
             interrupt: ctx.interrupt,
+            indirect: indirect_negotiated(ctx.acked_features),
         });
         Ok(())
     }

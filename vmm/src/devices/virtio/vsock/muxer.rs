@@ -338,7 +338,7 @@ impl Muxer {
     }
 
     fn accept(&mut self, request: &Header, key: ConnectionKey) {
-        let Some(listener) = self.listeners.get(&request.dst_port) else {
+        let Some(listener) = self.listeners.get(&request.dst_port).cloned() else {
             // Nobody listens on that port: connection refused.
             self.reply_reset(request);
             return;
@@ -355,9 +355,12 @@ impl Muxer {
             self.reply_reset(request);
             return;
         };
+        // A port takes one connection: the control logic reads one stream per port, and a socket
+        // handed to nobody would stay open until vmm exits (an unprivileged guest process looping
+        // connect/close would take one host fd each time). Later requests are refused.
+        self.listeners.remove(&request.dst_port);
         if listener.send(theirs).is_err() {
-            // The control logic stopped listening on this port; stop accepting on it.
-            self.listeners.remove(&request.dst_port);
+            // The control logic stopped listening on this port.
             self.reply_reset(request);
             return;
         }
@@ -567,25 +570,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn second_connection_to_same_port_gets_its_own_pair() {
+    fn a_port_takes_one_connection_and_refuses_the_rest_without_a_socket() {
         let (mut m, rxs) = muxer(&[1024]);
         m.handle_guest_packet(&header(op::REQUEST, 5000, 1024), &[]);
-        m.handle_guest_packet(&header(op::REQUEST, 5001, 1024), &[]);
         let mut a = rxs[0].try_recv().unwrap();
-        let mut b = rxs[0].try_recv().unwrap();
-        assert_eq!(next_packet(&mut m).unwrap().0.dst_port, 5000);
-        assert_eq!(next_packet(&mut m).unwrap().0.dst_port, 5001);
-        let mut rw = header(op::RW, 5001, 1024);
-        rw.len = 1;
-        m.handle_guest_packet(&rw, b"B");
+        assert_eq!(next_packet(&mut m).unwrap().0.op, op::RESPONSE);
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = fds();
+        // a guest process looping connect/close on the same port
+        for port in 6000..6500 {
+            m.handle_guest_packet(&header(op::REQUEST, port, 1024), &[]);
+            let (h, _) = next_packet(&mut m).unwrap();
+            assert_eq!((h.op, h.dst_port), (op::RST, port));
+            m.handle_guest_packet(&header(op::RST, port, 1024), &[]);
+        }
+        assert!(rxs[0].try_recv().is_err(), "no second stream handed over");
+        assert!(fds() <= before + 2, "{before} fds before, {} after", fds());
+        assert_eq!(m.connections.len(), 1);
+        // the first connection still works
         let mut rw = header(op::RW, 5000, 1024);
         rw.len = 1;
         m.handle_guest_packet(&rw, b"A");
         let mut c = [0u8; 1];
         a.read_exact(&mut c).unwrap();
         assert_eq!(&c, b"A");
-        b.read_exact(&mut c).unwrap();
-        assert_eq!(&c, b"B");
     }
 
     #[test]
@@ -634,10 +642,12 @@ pub(crate) mod tests {
 
     #[test]
     fn connections_are_bounded_and_closed_ones_are_forgotten() {
-        let (mut m, rxs) = muxer(&[1024]);
+        // each port takes one connection: as many listening ports as connections tried
+        let ports: Vec<u32> = (0..MAX_CONNECTIONS as u32 + 5).map(|p| 1024 + p).collect();
+        let (mut m, rxs) = muxer(&ports);
         let mut reg = FakeRegistry::default();
         for port in 0..(MAX_CONNECTIONS as u32 + 5) {
-            m.handle_guest_packet(&header(op::REQUEST, port, 1024), &[]);
+            m.handle_guest_packet(&header(op::REQUEST, port, 1024 + port), &[]);
         }
         assert_eq!(m.connection_count(), MAX_CONNECTIONS);
         m.sync_registrations(&mut reg);
@@ -654,7 +664,7 @@ pub(crate) mod tests {
         assert_eq!((responses, rsts), (MAX_CONNECTIONS, 5));
         // guest resets all of them: all forgotten, sockets unregistered
         for port in 0..MAX_CONNECTIONS as u32 {
-            m.handle_guest_packet(&header(op::RST, port, 1024), &[]);
+            m.handle_guest_packet(&header(op::RST, port, 1024 + port), &[]);
         }
         assert_eq!(m.connection_count(), 0);
         m.sync_registrations(&mut reg);

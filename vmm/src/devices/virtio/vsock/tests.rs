@@ -815,7 +815,13 @@ fn reset_drops_connections_and_device_can_be_activated_again() {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
-    let (_g, _host) = h.connect(40_001, 65536);
+    // The device serves again; the port took its one connection before the reset, so it refuses.
+    h.fill_rx(1);
+    let mut g = GuestConn::new(40_001, PORT, 65536);
+    h.send(&g.header(op::REQUEST, 0), &[]);
+    let pkts = h.receive();
+    assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::RST, 40_001));
+    assert!(h.listeners[0].try_recv().is_err());
 }
 
 #[test]
@@ -1018,7 +1024,9 @@ fn event_manager_drives_the_device_end_to_end() {
     const FROM_HOST: u64 = 3 << 20;
     let mem = new_mem();
     let mut drv = Driver::new(&mem);
-    let (map, rxs) = listeners(&[PORT]);
+    // a port takes one connection: one port per round, and one for the bulk transfer
+    let ports: Vec<u32> = (0..6).map(|i| PORT + i).collect();
+    let (map, rxs) = listeners(&ports);
     let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, map).unwrap()));
     let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
     em.add_subscriber(dev.clone());
@@ -1046,14 +1054,14 @@ fn event_manager_drives_the_device_end_to_end() {
 
     // Several connections opened and closed in turn: fds get reused, registrations must not go stale.
     for round in 0..5u32 {
-        let mut g = GuestConn::new(30_000 + round, PORT, 65536);
+        let mut g = GuestConn::new(30_000 + round, PORT + round, 65536);
         drv.post_rx(RxLayout::Single { len: 4096 });
         drv.send(&g.header(op::REQUEST, 0), &[]);
         kick(&dev, TX_QUEUE);
         run(&mut em);
         let pkts: Vec<_> = drv.receive().into_iter().flatten().collect();
         assert_eq!(pkts[0].0.op, op::RESPONSE, "round {round}");
-        let mut host = rxs[0].try_recv().unwrap();
+        let mut host = rxs[round as usize].try_recv().unwrap();
         host.write_all(b"ping").unwrap();
         drv.post_rx(RxLayout::Single { len: 4096 });
         kick(&dev, RX_QUEUE);
@@ -1074,7 +1082,7 @@ fn event_manager_drives_the_device_end_to_end() {
     assert_eq!(dev.lock().unwrap().connection_count(), 0);
 
     // Bulk both ways.
-    let mut g = GuestConn::new(40_000, PORT, 256 * 1024);
+    let mut g = GuestConn::new(40_000, PORT + 5, 256 * 1024);
     drv.post_rx(RxLayout::Single { len: 4096 });
     drv.send(&g.header(op::REQUEST, 0), &[]);
     kick(&dev, TX_QUEUE);
@@ -1082,7 +1090,7 @@ fn event_manager_drives_the_device_end_to_end() {
     let pkts: Vec<_> = drv.receive().into_iter().flatten().collect();
     assert_eq!(pkts[0].0.op, op::RESPONSE);
     g.saw(&pkts[0].0);
-    let host = rxs[0].try_recv().unwrap();
+    let host = rxs[5].try_recv().unwrap();
     let (w, r) = host_side(host, FROM_HOST);
     bulk_transfer(&mut drv, &mut g, TO_HOST, FROM_HOST, &r, |_drv| {
         kick(&dev, TX_QUEUE);
