@@ -13,6 +13,7 @@ pub mod host_tool;
 pub mod image;
 pub mod initramfs;
 pub mod kernel_file;
+pub mod output_file;
 pub mod result;
 pub mod runner;
 pub mod seccomp;

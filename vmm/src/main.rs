@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use vmm::config::{cache_dir, is_pvm_host, RawArgs, VmConfig};
 use vmm::image::{Image, ImageError, ImageStore};
+use vmm::output_file::OutputFile;
 use vmm::result::EXIT_VMM_FAILED;
 use vmm::runner;
 use vmm::seccomp::Mode;
@@ -228,17 +229,41 @@ fn main() -> ExitCode {
     let mut timeline = Timeline::new(start);
     timeline.mark("arguments parsed");
 
-    let result = match runner::run(&config, signals, timeline) {
+    // Opened now, before the main thread's seccomp filter, which then allows publishing them and
+    // writing no other file.
+    let open_output = |path: &Option<std::path::PathBuf>, what: &str| {
+        path.as_deref()
+            .map(|p| {
+                OutputFile::create(p)
+                    .map_err(|e| format!("cannot write {what} to {}: {e}", p.display()))
+            })
+            .transpose()
+    };
+    let (result_out, trace_out) = match (
+        open_output(&config.result_file, "the result"),
+        open_output(&config.trace_file, "the trace"),
+    ) {
+        (Ok(r), Ok(t)) => (r, t),
+        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    };
+    let dirs: Vec<_> = [&result_out, &trace_out]
+        .into_iter()
+        .flatten()
+        .map(OutputFile::dir_fd)
+        .collect();
+    vmm::seccomp::allow_output_dirs(&dirs);
+
+    let result = match runner::run(&config, signals, timeline, trace_out) {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
     if let Some(error) = &result.error {
         eprintln!("vmm: {error}");
     }
-    if let Some(path) = &config.result_file {
+    if let (Some(out), Some(path)) = (result_out, &config.result_file) {
         let written = serde_json::to_vec_pretty(&result)
             .map_err(std::io::Error::other)
-            .and_then(|json| write_whole(path, &json));
+            .and_then(|json| out.publish(&json));
         if let Err(e) = written {
             eprintln!("vmm: cannot write the result to {}: {e}", path.display());
             return ExitCode::from(EXIT_VMM_FAILED as u8);
@@ -297,19 +322,6 @@ fn die_with_parent() {
         eprintln!("vmm: the process that started vmm has exited");
         std::process::exit(EXIT_VMM_FAILED);
     }
-}
-
-/// Writes `bytes` to `path` so that a reader sees the whole file or none: written beside it, then renamed
-/// over it. A scheduler polling for the result never parses half of one, even if vmm is killed mid-write.
-fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(format!(".partial-{}", std::process::id()));
-    let partial = std::path::PathBuf::from(partial);
-    let written = std::fs::write(&partial, bytes).and_then(|_| std::fs::rename(&partial, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written
 }
 
 fn fail(message: &str) -> ExitCode {

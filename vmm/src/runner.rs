@@ -304,6 +304,7 @@ pub fn run(
     config: &VmConfig,
     signals: OwnedFd,
     mut timeline: Timeline,
+    trace_out: Option<crate::output_file::OutputFile>,
 ) -> Result<RunResult, RunError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (running_tx, running) = std::sync::mpsc::channel();
@@ -469,7 +470,7 @@ pub fn run(
         peak_rss_kib: peak_rss_kib(),
         guest_resident_kib: resident_kib(&vm.mem, &vm.file_backed),
     };
-    if let Some(path) = &config.trace_file {
+    if let (Some(out), Some(path)) = (trace_out, &config.trace_file) {
         let printk = vm.printk.lock().unwrap_or_else(|p| p.into_inner());
         let guest_stamps = milestones
             .iter()
@@ -491,7 +492,7 @@ pub fn run(
             printk: printk.lines(),
             result: &result,
         });
-        std::fs::write(path, trace.to_string())
+        out.publish(trace.to_string().as_bytes())
             .map_err(|e| RunError::Trace(path.display().to_string(), e))?;
     }
     Ok(result)

@@ -153,6 +153,20 @@ pub fn configure(mode: Mode) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// The directories of the files the main thread publishes at the end (`--result`, `--trace`), as
+/// descriptors: its filter allows linking and renaming within them and opens for reading only.
+static OUTPUT_DIRS: OnceLock<Vec<u64>> = OnceLock::new();
+
+/// Records the directory descriptors of [`crate::output_file::OutputFile`]s. Call before the main
+/// thread's filter is built; the first call wins.
+pub fn allow_output_dirs(fds: &[std::os::fd::RawFd]) {
+    let _ = OUTPUT_DIRS.set(
+        fds.iter()
+            .filter_map(|&fd| u64::try_from(fd).ok())
+            .collect(),
+    );
+}
+
 /// Installs the filter of `thread` on the calling thread. Without a [`configure`] first, the default
 /// mode applies: a caller that forgot is filtered, not silently left open.
 pub fn apply(thread: Thread) -> Result<(), SeccompError> {
@@ -381,7 +395,9 @@ fn common(ids: &Ids) -> Built<Rules> {
 /// The main thread: the event loop (epoll; eventfds, timerfds and the signalfd; the block devices' reads,
 /// writes and flushes; vsock's Unix socket pairs, non-blocking, read and written), the vCPU kicks and
 /// the short sleeps of the teardown, then the result: /proc/self/status, mincore on guest memory, the
-/// --trace and --result files. No KVM ioctl: nothing after set-up needs one.
+/// --trace and --result files, opened before (see `output_file.rs`) and published by a link and a
+/// rename within their directories. It opens files for reading only, and removes or renames nothing
+/// else. No KVM ioctl: nothing after set-up needs one.
 fn vmm(ids: &Ids) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
     use libc::*;
     let mut list = any(&[
@@ -407,23 +423,54 @@ fn vmm(ids: &Ids) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
         SYS_clock_nanosleep,
         SYS_nanosleep,
         SYS_mincore,
-        SYS_openat,
         SYS_statx,
         SYS_newfstatat,
         SYS_fstat,
         SYS_lseek,
-        // --result is written beside its path and renamed over it (removed if that fails)
-        SYS_rename,
-        SYS_renameat,
-        SYS_renameat2,
-        SYS_unlink,
-        SYS_unlinkat,
     ]);
+    list.push(arg_masked(
+        SYS_openat,
+        2,
+        (O_ACCMODE | O_CREAT | O_TRUNC) as u64,
+        O_RDONLY as u64,
+    )?);
+    list.extend(publish_in(OUTPUT_DIRS.get().map_or(&[], Vec::as_slice))?);
     list.push(arg_in(SYS_socketpair, 0, &[AF_UNIX as u64])?);
     list.push(allow_ioctls(&[FIONBIO])?);
     list.push(allow_fcntl()?);
     list.push(allow_tgkill(ids, &[ids.kick])?);
     Ok(list)
+}
+
+/// Publishing an output file in one of `dirs` (descriptors): `linkat(AT_FDCWD, /proc/self/fd/N, dir,
+/// partial, AT_SYMLINK_FOLLOW)`, `renameat(dir, partial, dir, name)` and, for a named partial file
+/// left by a failure, `unlinkat(dir, partial)`.
+fn publish_in(dirs: &[u64]) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
+    use libc::*;
+    let eq = |arg: u8, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+    };
+    let mut link = Vec::new();
+    let mut rename = Vec::new();
+    let mut unlink = Vec::new();
+    for &dir in dirs {
+        link.push(SeccompRule::new(vec![
+            eq(0, AT_FDCWD as u32 as u64)?,
+            eq(2, dir)?,
+            eq(4, AT_SYMLINK_FOLLOW as u64)?,
+        ])?);
+        rename.push(SeccompRule::new(vec![eq(0, dir)?, eq(2, dir)?])?);
+        unlink.push(SeccompRule::new(vec![eq(0, dir)?])?);
+    }
+    if dirs.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(vec![
+        (SYS_linkat, link),
+        (SYS_renameat, rename.clone()),
+        (SYS_renameat2, rename),
+        (SYS_unlinkat, unlink),
+    ])
 }
 
 /// A vCPU thread: KVM_RUN, and what the devices do on a port or MMIO access: write an eventfd (an

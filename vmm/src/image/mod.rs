@@ -6,15 +6,17 @@
 //! content-addressed cache:
 //!
 //! ```text
-//! <dir>/<sha256 hex>/rootfs.ext4    the root file system
-//! <dir>/<sha256 hex>/config.json    ImageConfig
-//! <dir>/<sha256 hex>/meta.json      digest, kind, the sources imported from, time, sizes
-//! <dir>/.memo/<key>                 (path, inode, size, mtime, ctime) of a tarball or directory -> digest
+//! <dir>/<kind>-<sha256 hex>/rootfs.ext4    the root file system
+//! <dir>/<kind>-<sha256 hex>/config.json    ImageConfig
+//! <dir>/<kind>-<sha256 hex>/meta.json      digest, kind, the sources imported from, time, sizes
+//! <dir>/.memo/<key>                 (path, inode, size, mtime, ctime) of a tarball or directory -> entry
 //! <dir>/.tmp-*/, .tmp-*.lock        imports in progress (a locked lock file) or interrupted (unlocked)
 //! ```
 //!
 //! The digest is the OCI manifest's digest, the sha256 of a `docker save` config, the sha256 of a plain
-//! tarball, or a sha256 over a plain directory's paths, metadata and contents. An import is built in a
+//! tarball, or a sha256 over a plain directory's paths, metadata and contents; an entry is keyed by its
+//! kind as well, so that a file of one kind cannot pass for another's digest (a docker-save "config"
+//! that is really an OCI manifest parses as an empty config and has the manifest's digest). An import is built in a
 //! private `.tmp-*` directory and renamed into place last, so an entry either is complete or is not
 //! there; of two concurrent imports of one image the second rename fails and its copy is discarded.
 //! Interrupted imports are cleaned up by the next [`ImageStore::open`].
@@ -88,7 +90,22 @@ struct Meta {
     content_bytes: u64,
 }
 
-const META_FORMAT: u32 = 1;
+/// 2: entries named `<kind>-<digest hex>` (1 named them by the digest alone: those are removed)
+const META_FORMAT: u32 = 2;
+
+/// The name of the cache entry for an image of `kind` with digest `hex`.
+fn entry_name(kind: &str, hex: &str) -> String {
+    format!("{kind}-{hex}")
+}
+
+/// Whether `name` is an entry's name: a kind, `-`, a sha256 in hex.
+fn is_entry_name(name: &str) -> bool {
+    Kind::ALL.iter().any(|kind| {
+        name.strip_prefix(kind.name())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(is_sha256_hex)
+    })
+}
 
 /// The image cache.
 pub struct ImageStore {
@@ -218,6 +235,11 @@ fn clean_stale(dir: &Path) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if is_sha256_hex(&name) {
+            // an entry of format 1, keyed by the digest alone: imported again when next asked for
+            let _ = remove_tree(&entry.path());
+            continue;
+        }
         if !name.starts_with(".tmp-") {
             continue;
         }
@@ -359,21 +381,21 @@ impl ImageStore {
         let tmp = TmpDir::create(&self.dir)?;
         let plan = source::prepare(&canon, &md, &tmp.path, scan, progress)?;
         if let Some(key) = &memo_key {
-            self.memo_put(key, &plan.digest_hex);
+            self.memo_put(key, &entry_name(plan.kind.name(), &plan.digest_hex));
         }
-        if let Some(image) = self.hit(&plan.digest_hex, &source)? {
+        let name = entry_name(plan.kind.name(), &plan.digest_hex);
+        if let Some(image) = self.hit(&name, &source)? {
             return Ok(image);
         }
         self.build(&plan, &canon, &source, &tmp, progress)?;
         drop(tmp);
-        self.hit(&plan.digest_hex, &source)?
-            .ok_or_else(|| ImageError::Cache {
-                dir: self.dir.clone(),
-                why: format!(
-                    "the entry for sha256:{} vanished right after the import",
-                    plan.digest_hex
-                ),
-            })
+        self.hit(&name, &source)?.ok_or_else(|| ImageError::Cache {
+            dir: self.dir.clone(),
+            why: format!(
+                "the entry for sha256:{} vanished right after the import",
+                plan.digest_hex
+            ),
+        })
     }
 
     /// Lists the cached images, the most recently imported first.
@@ -420,11 +442,11 @@ impl ImageStore {
                 reference: reference.to_string(),
             }),
             1 => {
-                let image = found[0].1.clone();
-                let hex = &image.digest["sha256:".len()..];
-                self.delete_entry(hex)?;
-                self.memo_forget(hex);
-                Ok(image)
+                let (meta, image) = found[0];
+                let name = entry_name(&meta.kind, &meta.digest["sha256:".len()..]);
+                self.delete_entry(&name)?;
+                self.memo_forget(&name);
+                Ok(image.clone())
             }
             n => Err(ImageError::Ambiguous {
                 reference: reference.to_string(),
@@ -446,7 +468,7 @@ impl ImageStore {
         for entry in rd {
             let entry = entry.ctx(|| format!("reading the image cache {}", self.dir.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !is_sha256_hex(&name) {
+            if !is_entry_name(&name) {
                 continue;
             }
             if let Ok(pair) = self.read_entry(&name) {
@@ -456,9 +478,9 @@ impl ImageStore {
         Ok(out)
     }
 
-    /// Reads the entry for `hex`; Err says why it is not usable.
-    fn read_entry(&self, hex: &str) -> Result<(Meta, Image), String> {
-        let dir = self.dir.join(hex);
+    /// Reads the entry `name`; Err says why it is not usable.
+    fn read_entry(&self, name: &str) -> Result<(Meta, Image), String> {
+        let dir = self.dir.join(name);
         let meta: Meta = serde_json::from_slice(
             &fs::read(dir.join("meta.json")).map_err(|e| format!("meta.json: {e}"))?,
         )
@@ -471,7 +493,8 @@ impl ImageStore {
         let size_bytes = fs::metadata(&rootfs)
             .map_err(|e| format!("rootfs.ext4: {e}"))?
             .len();
-        if meta.format != META_FORMAT || meta.digest != format!("sha256:{hex}") {
+        let hex = meta.digest.strip_prefix("sha256:").unwrap_or_default();
+        if meta.format != META_FORMAT || entry_name(&meta.kind, hex) != name {
             return Err("meta.json is not of this version or not for this entry".into());
         }
         let image = Image {
@@ -484,14 +507,14 @@ impl ImageStore {
         Ok((meta, image))
     }
 
-    /// The cached image for `hex`, with `source` recorded among its sources; None when not cached (a
-    /// damaged entry is removed).
-    fn hit(&self, hex: &str, source: &str) -> Result<Option<Image>, ImageError> {
-        let dir = self.dir.join(hex);
+    /// The cached image of entry `name`, with `source` recorded among its sources; None when not
+    /// cached (a damaged entry is removed).
+    fn hit(&self, name: &str, source: &str) -> Result<Option<Image>, ImageError> {
+        let dir = self.dir.join(name);
         if !dir.exists() {
             return Ok(None);
         }
-        match self.read_entry(hex) {
+        match self.read_entry(name) {
             Ok((mut meta, mut image)) => {
                 if !meta.sources.iter().any(|s| s == source) {
                     meta.sources.push(source.to_string());
@@ -509,15 +532,15 @@ impl ImageStore {
                 Ok(Some(image))
             }
             Err(_) => {
-                self.delete_entry(hex)?;
+                self.delete_entry(name)?;
                 Ok(None)
             }
         }
     }
 
-    /// Detaches the entry for `hex` (one rename: `list` never sees half of it), then deletes it.
-    fn delete_entry(&self, hex: &str) -> Result<(), ImageError> {
-        let from = self.dir.join(hex);
+    /// Detaches the entry `name` (one rename: `list` never sees half of it), then deletes it.
+    fn delete_entry(&self, name: &str) -> Result<(), ImageError> {
+        let from = self.dir.join(name);
         let to = self.dir.join(unique_name(".tmp-rm-"));
         match fs::rename(&from, &to) {
             Ok(()) => {}
@@ -533,25 +556,26 @@ impl ImageStore {
         let data = fs::read(self.dir.join(".memo").join(key)).ok()?;
         let s = String::from_utf8(data).ok()?;
         let s = s.trim();
-        is_sha256_hex(s).then(|| s.to_string())
+        is_entry_name(s).then(|| s.to_string())
     }
 
     /// Best effort: without the memo an import is only slower.
-    fn memo_put(&self, key: &str, hex: &str) {
+    fn memo_put(&self, key: &str, name: &str) {
         let dir = self.dir.join(".memo");
         let _ = fs::create_dir(&dir);
         let tmp = dir.join(unique_name(".tmp-"));
-        if write_synced(&tmp, hex.as_bytes()).is_err() || fs::rename(&tmp, dir.join(key)).is_err() {
+        if write_synced(&tmp, name.as_bytes()).is_err() || fs::rename(&tmp, dir.join(key)).is_err()
+        {
             let _ = fs::remove_file(&tmp);
         }
     }
 
-    fn memo_forget(&self, hex: &str) {
+    fn memo_forget(&self, name: &str) {
         let Ok(rd) = fs::read_dir(self.dir.join(".memo")) else {
             return;
         };
         for entry in rd.flatten() {
-            if fs::read(entry.path()).is_ok_and(|d| d == hex.as_bytes()) {
+            if fs::read(entry.path()).is_ok_and(|d| d == name.as_bytes()) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -614,7 +638,9 @@ impl ImageStore {
         write_synced(&entry.join("meta.json"), &meta_json)
             .ctx(|| format!("writing {}", entry.display()))?;
         sync_dir(&entry).ctx(|| format!("syncing {}", entry.display()))?;
-        let dest = self.dir.join(&plan.digest_hex);
+        let dest = self
+            .dir
+            .join(entry_name(plan.kind.name(), &plan.digest_hex));
         match fs::rename(&entry, &dest) {
             Ok(()) => sync_dir(&self.dir).ctx(|| format!("syncing {}", self.dir.display())),
             // another import of the same image got there first: ours is discarded with `tmp`

@@ -42,6 +42,8 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
+    pub(crate) const ALL: [Kind; 4] = [Kind::Oci, Kind::DockerSave, Kind::Tarball, Kind::Directory];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Oci => "oci",
@@ -480,6 +482,7 @@ fn plan_oci(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
     )?;
     let (config, diff_ids) = parse_config(&config_data, src)?;
     let descs = doc.layers.as_deref().unwrap_or_default();
+    check_diff_ids(&diff_ids, descs.len(), src)?;
     let mut layers = Vec::new();
     for (i, d) in descs.iter().enumerate() {
         if d.media_type.contains("zstd") {
@@ -506,7 +509,7 @@ fn plan_oci(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
         layers.push(LayerRef {
             name,
             blob_hex: Some(hex),
-            diff_hex: (diff_ids.len() == descs.len()).then(|| diff_ids[i].clone()),
+            diff_hex: diff_ids.get(i).cloned(),
         });
     }
     Ok(Plan {
@@ -555,6 +558,7 @@ fn plan_docker_save(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
     let config_data = read_small(&bundle, &entry.config, None, src)?;
     let digest_hex = sha256_hex(&config_data);
     let (config, diff_ids) = parse_config(&config_data, src)?;
+    check_diff_ids(&diff_ids, entry.layers.len(), src)?;
     let mut layers = Vec::new();
     for (i, name) in entry.layers.iter().enumerate() {
         if bundle.open(name)?.is_none() {
@@ -563,7 +567,7 @@ fn plan_docker_save(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
         layers.push(LayerRef {
             name: name.clone(),
             blob_hex: None,
-            diff_hex: (diff_ids.len() == entry.layers.len()).then(|| diff_ids[i].clone()),
+            diff_hex: diff_ids.get(i).cloned(),
         });
     }
     Ok(Plan {
@@ -574,6 +578,21 @@ fn plan_docker_save(bundle: Bundle, src: &str) -> Result<Plan, ImageError> {
         bundle,
         tree: None,
     })
+}
+
+/// Every layer must have its diff_id in the config, and no more: the cache key (a digest of the
+/// manifest or the config) stands for the layers' content only when each one is checked against it.
+fn check_diff_ids(diff_ids: &[String], layers: usize, src: &str) -> Result<(), ImageError> {
+    if diff_ids.len() != layers {
+        return Err(bad(
+            src,
+            format!(
+                "its config lists {} diff_ids for {layers} layers (each layer must have one)",
+                diff_ids.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn zstd(src: &str, what: &str) -> ImageError {

@@ -519,7 +519,10 @@ fn oci_layout_imports_to_ext4_and_is_cached() {
     );
     assert_eq!(
         image.rootfs,
-        store.dir().join(&manifest).join("rootfs.ext4")
+        store
+            .dir()
+            .join(format!("oci-{manifest}"))
+            .join("rootfs.ext4")
     );
     assert_eq!(image.size_bytes, fs::metadata(&image.rootfs).unwrap().len());
     assert!(
@@ -532,9 +535,16 @@ fn oci_layout_imports_to_ext4_and_is_cached() {
         "{msgs:?}"
     );
     check_ext4(&image.rootfs);
-    let on_disk: ImageConfig =
-        serde_json::from_slice(&fs::read(store.dir().join(&manifest).join("config.json")).unwrap())
-            .unwrap();
+    let on_disk: ImageConfig = serde_json::from_slice(
+        &fs::read(
+            store
+                .dir()
+                .join(format!("oci-{manifest}"))
+                .join("config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert_eq!(on_disk, expected_config());
 
     // the second time: no unpacking, the same file
@@ -805,7 +815,7 @@ fn refused(name: &str, layer: Vec<u8>, check: fn(&ImageError) -> bool) {
             br#"{"imageLayoutVersion":"1.0.0"}"#,
         )
         .unwrap();
-        let config = config_json(&[], "amd64");
+        let config = config_json(&[sha256_hex(&layer)], "amd64");
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "config": {"digest": format!("sha256:{}", write_blob(&layout, &config)), "size": config.len()},
@@ -1270,4 +1280,72 @@ fn copy_out_drops_setuid_setgid_and_all_but_user_xattrs() {
         fs::symlink_metadata(img.join("suid")).unwrap().mode() & 0o7777,
         0o4755
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// cache poisoning
+
+/// A `docker save` tarball whose manifest names `config` and `layers` (name, content).
+fn docker_save_of(config: &[u8], layers: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut t = Tar::new();
+    t.file("config.json", config, 0o644);
+    for (name, data) in layers {
+        t.file(name, data, 0o644);
+    }
+    let names: Vec<&str> = layers.iter().map(|(n, _)| *n).collect();
+    let manifest = json!([{"Config": "config.json", "Layers": names}]);
+    t.file(
+        "manifest.json",
+        &serde_json::to_vec(&manifest).unwrap(),
+        0o644,
+    );
+    t.finish()
+}
+
+#[test]
+fn a_layer_without_its_diff_id_is_refused() {
+    let t = TempDir::new("diff-ids");
+    let store = ImageStore::open(&t.join("cache")).unwrap();
+    let (l1, l2) = test_layers();
+    let mut evil = Tar::new();
+    evil.file("bin/sh", b"#!evil", 0o755);
+    let evil = evil.finish();
+    // a genuine config (two diff_ids) with one layer of the attacker's, two with one unchecked, and
+    // one diff_id too many
+    let genuine = config_json(&[sha256_hex(&l1), sha256_hex(&l2)], "amd64");
+    let one = config_json(&[sha256_hex(&l1)], "amd64");
+    type Layers<'a> = Vec<(&'a str, &'a [u8])>;
+    let cases: [(&[u8], Layers); 3] = [
+        (&genuine, vec![("evil.tar", &evil)]),
+        (&one, vec![("l1.tar", &l1), ("evil.tar", &evil)]),
+        (&genuine, vec![("l1.tar", &l1)]),
+    ];
+    for (i, (config, layers)) in cases.into_iter().enumerate() {
+        let path = t.join(&format!("save-{i}.tar"));
+        fs::write(&path, docker_save_of(config, &layers)).unwrap();
+        let err = store.import(&path, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("diff_ids for"), "case {i}: {err}");
+    }
+    assert!(store.list().unwrap().is_empty() && leftovers(&store).is_empty());
+}
+
+#[test]
+fn a_file_of_one_kind_cannot_take_the_cache_entry_of_another() {
+    let t = TempDir::new("poison");
+    let store = ImageStore::open(&t.join("cache")).unwrap();
+    let layout = t.join("layout");
+    let manifest_hex = write_oci(&layout, false);
+    let manifest = fs::read(layout.join("blobs/sha256").join(&manifest_hex)).unwrap();
+    // a docker-save whose "config" is the genuine image's manifest: same sha256, no layers
+    let hostile = t.join("hostile.tar");
+    fs::write(&hostile, docker_save_of(&manifest, &[])).unwrap();
+    let poisoned = store.import(&hostile, &mut |_| {}).unwrap();
+    assert_eq!(poisoned.digest, format!("sha256:{manifest_hex}"));
+    // the genuine image is imported on its own, not served from the hostile entry
+    let image = store.import(&layout, &mut |_| {}).unwrap();
+    assert_eq!(image.digest, poisoned.digest);
+    assert_ne!(image.rootfs, poisoned.rootfs);
+    assert_eq!(image.config, expected_config());
+    check_ext4(&image.rootfs);
+    assert_eq!(store.list().unwrap().len(), 2);
 }

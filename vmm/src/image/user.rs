@@ -69,26 +69,69 @@ fn lookup(text: &str, matches: impl Fn(&Vec<&str>) -> bool, field: usize) -> Opt
         .and_then(|f| f.get(field).and_then(|v| v.parse().ok()))
 }
 
+/// The most of an image's /etc/passwd or /etc/group that is read: real ones are a few KiB, and the
+/// image (its author) decides how large they are.
+const MAX_ETC_FILE: u64 = 4 << 20;
+
 fn read_file(rootfs: &Path, path: &str) -> Result<String, ImageError> {
-    let out = crate::host_tool::command("debugfs")
-        .arg("-R")
-        .arg(format!("cat {path}"))
-        .arg(rootfs)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            bad(
-                path,
-                format!("cannot run debugfs (install e2fsprogs) to read it: {e}"),
-            )
-        })?;
-    if !out.status.success() {
-        return Err(bad(
+    let mut debugfs = crate::host_tool::command("debugfs");
+    debugfs.arg("-R").arg(format!("cat {path}")).arg(rootfs);
+    let tool_error = |e: std::io::Error| {
+        bad(
+            path,
+            format!("cannot run debugfs (install e2fsprogs) to read it: {e}"),
+        )
+    };
+    match read_bounded(debugfs, MAX_ETC_FILE).map_err(tool_error)? {
+        Bounded::Output(text) => Ok(text),
+        Bounded::Failed => Err(bad(
             path,
             format!("cannot read it from {}", rootfs.display()),
-        ));
+        )),
+        Bounded::TooLarge => Err(bad(
+            path,
+            format!(
+                "it is larger than {} MiB in {}, which no real one is",
+                MAX_ETC_FILE >> 20,
+                rootfs.display()
+            ),
+        )),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What a command printed, when it succeeded and printed at most its limit.
+#[derive(Debug, PartialEq)]
+enum Bounded {
+    Output(String),
+    Failed,
+    /// More than the limit: the command was killed.
+    TooLarge,
+}
+
+/// Runs `command` and reads at most `limit` bytes of its standard output.
+fn read_bounded(mut command: std::process::Command, limit: u64) -> std::io::Result<Bounded> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = Vec::new();
+    let read = match child.stdout.take() {
+        Some(stdout) => stdout.take(limit + 1).read_to_end(&mut out),
+        None => Ok(0),
+    };
+    if read.is_err() || out.len() as u64 > limit {
+        // it may be blocked writing the rest: it is of no use any more
+        let _ = child.kill();
+        let _ = child.wait();
+        read?;
+        return Ok(Bounded::TooLarge);
+    }
+    if !child.wait()?.success() {
+        return Ok(Bounded::Failed);
+    }
+    Ok(Bounded::Output(String::from_utf8_lossy(&out).into_owned()))
 }
 
 #[cfg(test)]
@@ -107,6 +150,23 @@ mod tests {
             Some(100)
         );
         assert_eq!(lookup(passwd, |f| f.first() == Some(&"nobody"), 2), None);
+    }
+
+    #[test]
+    fn an_endless_file_is_cut_off_at_the_limit() {
+        // `yes` never ends by itself: the read stops at the limit and the command is killed
+        let endless = std::process::Command::new("yes");
+        assert_eq!(read_bounded(endless, 1 << 20).unwrap(), Bounded::TooLarge);
+        let mut small = std::process::Command::new("echo");
+        small.arg("root:x:0:0");
+        assert_eq!(
+            read_bounded(small, 1 << 20).unwrap(),
+            Bounded::Output("root:x:0:0\n".into())
+        );
+        assert_eq!(
+            read_bounded(std::process::Command::new("false"), 1 << 20).unwrap(),
+            Bounded::Failed
+        );
     }
 
     #[test]

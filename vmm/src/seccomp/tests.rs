@@ -473,3 +473,69 @@ fn every_thread_may_drop_a_descriptor_in_a_debug_build() {
         assert_eq!(end.0, End::Exited(DONE), "{thread:?}: {}", end.1);
     }
 }
+
+#[test]
+fn vmm_opens_files_for_reading_and_writes_none_but_its_outputs() {
+    let dir = std::env::temp_dir().join(format!("vmm-seccomp-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("result.json");
+    let out = crate::output_file::OutputFile::create(&target).unwrap();
+    allow_output_dirs(&[out.dir_fd()]);
+    // the output is published under the filter
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        // SAFETY: a valid NUL-terminated path; the descriptor is closed by _exit.
+        if unsafe {
+            libc::openat(
+                libc::AT_FDCWD,
+                c"/proc/self/status".as_ptr(),
+                libc::O_RDONLY,
+            )
+        } < 0
+        {
+            return 2;
+        }
+        match out.publish(b"{}") {
+            Ok(()) => DONE,
+            Err(_) => 3,
+        }
+    });
+    assert_eq!(end.0, End::Exited(DONE), "{end:?}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+    let other = std::ffi::CString::new(dir.join("other").as_os_str().as_encoded_bytes()).unwrap();
+    for flags in [
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_RDONLY | libc::O_CREAT,
+        libc::O_RDONLY | libc::O_TRUNC,
+    ] {
+        let end = in_child(Thread::Vmm, Mode::Trap, || {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), flags, 0o644) };
+            1
+        });
+        trapped(&end, "vmm", libc::SYS_openat);
+    }
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::unlinkat(libc::AT_FDCWD, path.as_ptr(), 0) };
+        1
+    });
+    trapped(&end, "vmm", libc::SYS_unlinkat);
+    let end = in_child(Thread::Vmm, Mode::Trap, || {
+        // SAFETY: valid NUL-terminated paths.
+        unsafe {
+            libc::renameat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::AT_FDCWD,
+                other.as_ptr(),
+            )
+        };
+        1
+    });
+    trapped(&end, "vmm", libc::SYS_renameat);
+    assert_eq!(std::fs::read(&target).unwrap(), b"{}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
