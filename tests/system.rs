@@ -994,7 +994,8 @@ fn copy_out_of_what_the_guest_made_never_writes_outside_the_target() {
     // where the first put a link
     let o = run_script(
         "mkdir -p /out /d/out/esc && cd /out && ln -s /etc esc && ln -s /etc/passwd abs \
-         && ln -s ../../.. up && mkfifo fifo && echo x > .wh.abs && echo pwned > /d/out/esc/passwd",
+         && ln -s ../../.. up && mkfifo fifo && echo x > .wh.abs && echo pwned > /d/out/esc/passwd \
+         && echo '#!/bin/sh' > suid && chmod 6755 suid && mkdir sticky && chmod 3777 sticky",
         &[
             "--copy-out",
             &format!("/out:{}", out.display()),
@@ -1008,6 +1009,17 @@ fn copy_out_of_what_the_guest_made_never_writes_outside_the_target() {
     assert_eq!(got["up"], "link -> ../../..");
     assert!(got[".wh.abs"].starts_with("file "), "{got:?}");
     assert!(!got.contains_key("fifo"), "FIFOs are left out: {got:?}");
+    // no setuid or setgid bit reaches the host (the sticky bit of a directory may)
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(out.join("out").join(p))
+            .expect(p)
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("suid"), 0o755);
+    assert_eq!(mode("sticky"), 0o1777);
     // the second stream replaced the link with a real directory, and wrote nothing through it
     assert!(got["esc"].starts_with("dir "), "{got:?}");
     assert_eq!(
