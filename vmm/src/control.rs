@@ -27,8 +27,8 @@ pub enum Outcome {
     Failed(ErrorKind, String),
     /// The guest broke the protocol or closed the channel early.
     Protocol(String),
-    /// A copy-in could not be sent (reading the host directory failed).
-    CopyIn(String),
+    /// vmm's side failed: a copy-in could not be read, or the copies could not be confined.
+    HostFailed(String),
 }
 
 /// What the control channel learnt, read by the main thread at teardown.
@@ -162,9 +162,12 @@ fn converse(
     let Ok(mut stream) = connections.recv() else {
         return Outcome::Protocol("the vsock device went away before guest-init connected".into());
     };
-    // Filtered before the first byte from the guest is read; not earlier, because installing a filter
-    // takes a few hundred microseconds on some hosts, which would compete with the vCPU's way into the
-    // guest, and until now this thread has only waited.
+    // Confined and filtered before the first byte from the guest is read; not earlier, because
+    // installing a filter takes a few hundred microseconds on some hosts, which would compete with the
+    // vCPU's way into the guest, and until now this thread has only waited.
+    if let Err(e) = confine_to_copies(transfers) {
+        return Outcome::HostFailed(e.to_string());
+    }
     crate::seccomp::apply_or_exit(crate::seccomp::Thread::Control);
     lock(state).connected_at = Some(Instant::now());
     match Message::read_from(&mut stream) {
@@ -190,7 +193,7 @@ fn converse(
             match crate::transfer::send_copy_in(host_dir, &mut |m| writer.send(&m)) {
                 Ok(bytes) => lock(state).copy_in_bytes += bytes,
                 Err(e) => {
-                    return Outcome::CopyIn(format!(
+                    return Outcome::HostFailed(format!(
                         "copy-in of {} to {guest_dir}: {e}",
                         host_dir.display()
                     ))
@@ -263,6 +266,25 @@ fn converse(
             Err(e) => return Outcome::Protocol(e.to_string()),
         }
     }
+}
+
+/// Confines this thread (and the stdin thread it starts) to the copy directories. A copy-out's
+/// HOST_DIR is made first, as it would be when its stream arrives: Landlock rules name existing
+/// directories.
+fn confine_to_copies(
+    transfers: &Transfers,
+) -> Result<crate::copy_sandbox::Confinement, crate::copy_sandbox::SandboxError> {
+    for (_, host_dir) in &transfers.copy_out {
+        // a directory that cannot be made fails its copy-out later, with the reason
+        let _ = std::fs::create_dir_all(host_dir);
+    }
+    let read: Vec<&std::path::Path> = transfers.copy_in.iter().map(|(h, _)| h.as_path()).collect();
+    let write: Vec<&std::path::Path> = transfers
+        .copy_out
+        .iter()
+        .map(|(_, h)| h.as_path())
+        .collect();
+    crate::copy_sandbox::confine(&read, &write)
 }
 
 /// Forwards our stdin to the command, then its end of file.

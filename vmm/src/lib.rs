@@ -7,6 +7,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod copy_sandbox;
 pub mod devices;
 pub mod guest_ram;
 pub mod host_tool;

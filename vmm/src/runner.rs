@@ -649,7 +649,7 @@ fn conclude(
                 (code, _) => (code, Some(s), EndReason::CommandExited, None),
             }
         }
-        (_, Some(Outcome::CopyIn(message))) => (
+        (_, Some(Outcome::HostFailed(message))) => (
             EXIT_VMM_FAILED,
             None,
             EndReason::VmmFailed(message.clone()),
