@@ -401,11 +401,12 @@ pub fn run(
 
     // Teardown: one path for every ending.
     stop.store(true, Ordering::Release);
+    // One kick each is enough (see vcpu::register_kick_signal); a thread usually ends within
+    // microseconds of it: poll soon, then back off, for at most VCPU_STOP_WAIT.
+    handles.iter().for_each(VcpuHandle::kick);
     let deadline = Instant::now() + VCPU_STOP_WAIT;
-    // A vCPU thread usually ends within microseconds of the kick: poll soon, then back off.
     let mut pause = Duration::from_micros(20);
     while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
-        handles.iter().for_each(VcpuHandle::kick);
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(1));
     }

@@ -1,6 +1,7 @@
 //! One thread per vCPU running KVM_RUN. Port and MMIO exits go to the device bus; everything that ends
 //! the VM is reported once through [`VmEnd`] and the vCPU thread stops.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,10 +123,26 @@ fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-/// Installs the (empty) handler of the kick signal: its only effect is that KVM_RUN returns EINTR.
+thread_local! {
+    /// `immediate_exit` of this thread's `kvm_run`, while its vCPU runs here (null otherwise).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the handler of the kick signal. A signal that arrives while the thread is in KVM_RUN makes
+/// it return EINTR; one that arrives just before (after the thread checked the stop flag) would be
+/// lost, so the handler also sets `immediate_exit`, which makes the next KVM_RUN return EINTR at once.
+/// One kick is therefore always enough.
 pub fn register_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
-    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    register_signal_handler(kick_signal(), noop)
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // A const-initialised thread local without destructor is a plain TLS read: safe in a handler.
+        let flag = IMMEDIATE_EXIT.with(Cell::get);
+        if !flag.is_null() {
+            // SAFETY: set by run_loop to its vCPU's kvm_run mapping, which outlives the pointer (it is
+            // cleared before the vCPU is dropped), and written by this thread only.
+            unsafe { flag.write_volatile(1) };
+        }
+    }
+    register_signal_handler(kick_signal(), kick)
 }
 
 /// What a started vCPU thread waits for: its vCPU and the devices its exits go to.
@@ -207,7 +224,20 @@ fn run_loop(
     stop: &AtomicBool,
     counts: &Mutex<ExitCounts>,
 ) {
+    let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(flag));
     counts.lock().unwrap_or_else(|p| p.into_inner()).first_run = Some(Instant::now());
+    run_until_stopped(vcpu, io, end, stop, counts);
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+}
+
+fn run_until_stopped(
+    vcpu: &mut VcpuFd,
+    io: &IoManager,
+    end: &VmEnd,
+    stop: &AtomicBool,
+    counts: &Mutex<ExitCounts>,
+) {
     let count = |kind: ExitKind| counts.lock().unwrap_or_else(|p| p.into_inner()).count(kind);
     while !stop.load(Ordering::Acquire) {
         let exit = vcpu.run();
@@ -266,6 +296,7 @@ fn run_loop(
                 break;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
                 count(ExitKind::Other("interrupted"));
             }
             Err(e) => {
