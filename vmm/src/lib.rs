@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod copy_sandbox;
 pub mod devices;
+pub mod exit_code;
 pub mod guest_ram;
 pub mod host_tool;
 pub mod image;

@@ -8,7 +8,7 @@ use clap::Parser;
 use vmm::config::{cache_dir, is_pvm_host, RawArgs, VmConfig};
 use vmm::image::{Image, ImageError, ImageStore};
 use vmm::output_file::OutputFile;
-use vmm::result::EXIT_VMM_FAILED;
+use vmm::exit_code::EXIT_VMM_FAILED;
 use vmm::runner;
 use vmm::seccomp::Mode;
 use vmm::timeline::Timeline;

@@ -3,15 +3,8 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use vmm_protocol::{ErrorKind, ExitStatus};
 
 use crate::vcpu::{ExitCounts, ExitKind};
-
-/// `vmm` itself failed: bad arguments, no usable /dev/kvm, bad image or kernel, guest never came up.
-pub const EXIT_VMM_FAILED: i32 = 125;
-pub const EXIT_TIMEOUT: i32 = 124;
-pub const EXIT_CANNOT_RUN: i32 = 126;
-pub const EXIT_NOT_FOUND: i32 = 127;
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -97,22 +90,6 @@ pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// vmm's exit status for a command's status: its code, or 128+N for signal N.
-pub fn exit_code_of(status: ExitStatus) -> i32 {
-    match status {
-        ExitStatus::Code(c) => c & 0xff,
-        ExitStatus::Signal(s) => 128 + (s & 0x7f),
-    }
-}
-
-pub fn exit_code_of_error(kind: ErrorKind) -> i32 {
-    match kind {
-        ErrorKind::NotFound => EXIT_NOT_FOUND,
-        ErrorKind::NotExecutable => EXIT_CANNOT_RUN,
-        ErrorKind::Setup => EXIT_VMM_FAILED,
-    }
-}
-
 /// Names an exit kind for people: the port or the device window.
 pub fn describe_exit(kind: &ExitKind) -> String {
     use crate::arch::layout::VIRTIO_MMIO_START;
@@ -156,18 +133,6 @@ pub fn summarize_exits(per_vcpu: &[ExitCounts]) -> Vec<ExitCount> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_codes_follow_docker_run() {
-        assert_eq!(exit_code_of(ExitStatus::Code(0)), 0);
-        assert_eq!(exit_code_of(ExitStatus::Code(255)), 255);
-        assert_eq!(exit_code_of(ExitStatus::Code(256 + 7)), 7);
-        assert_eq!(exit_code_of(ExitStatus::Signal(9)), 137);
-        assert_eq!(exit_code_of(ExitStatus::Signal(15)), 143);
-        assert_eq!(exit_code_of_error(ErrorKind::NotFound), 127);
-        assert_eq!(exit_code_of_error(ErrorKind::NotExecutable), 126);
-        assert_eq!(exit_code_of_error(ErrorKind::Setup), 125);
-    }
 
     #[test]
     fn exits_are_summed_and_named() {

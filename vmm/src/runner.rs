@@ -14,6 +14,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::builder::{self, BuildError, Vm};
 use crate::config::VmConfig;
 use crate::control::{self, Control, Forward, Outcome};
+use crate::exit_code::*;
 use crate::result::*;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, GuestEnd, VcpuHandle};

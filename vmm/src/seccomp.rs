@@ -40,7 +40,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::result::EXIT_VMM_FAILED;
+use crate::exit_code::EXIT_VMM_FAILED;
 
 /// What a filter does with a system call that its thread's list does not allow.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::result::EXIT_TIMEOUT;
+use crate::exit_code::EXIT_TIMEOUT;
 use crate::seccomp::{self, Thread};
 
 /// How long after the deadline the clean path has to finish before the watchdog ends the process. The
