@@ -1,6 +1,14 @@
 //! `vmm`'s own failures before any VM exists: each gives exit status 125 and one line saying what went
 //! wrong and what to do. These need no KVM and run directly on any host.
 
+// Test crates: a failed unwrap or expect is a failed test, and test data is small. clippy.toml's
+// allow-*-in-tests covers #[test] functions only, not the helpers beside them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
 mod support;
 
 use std::process::Command;

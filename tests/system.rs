@@ -2,6 +2,14 @@
 //! did. They need hardware-virt KVM: on a host without it cargo's runner runs this binary inside the
 //! emulated KVM test host (tests/testhost/run).
 
+// Test crates: a failed unwrap or expect is a failed test, and test data is small. clippy.toml's
+// allow-*-in-tests covers #[test] functions only, not the helpers beside them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
 mod support;
 
 use std::io::Write;

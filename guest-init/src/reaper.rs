@@ -78,11 +78,11 @@ impl Reaper {
     pub fn only(pid: libc::pid_t) -> Reaper {
         // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        let watch = if fd >= 0 {
+        // The kernel returns an int descriptor in the long: one that does not fit is no descriptor.
+        let watch = match RawFd::try_from(fd) {
             // SAFETY: a fresh descriptor owned by nothing else.
-            Watch::Pid(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-        } else {
-            Watch::Tick
+            Ok(fd) if fd >= 0 => Watch::Pid(unsafe { OwnedFd::from_raw_fd(fd) }),
+            _ => Watch::Tick,
         };
         Reaper { watch, all: false }
     }

@@ -411,15 +411,17 @@ unsafe fn run_child(p: &Prepared, stdin: RawFd, stdout: RawFd, stderr: RawFd, re
 
     let mut eacces: Option<u32> = None;
     for (i, path) in p.candidates.iter().enumerate() {
+        // No PATH has 4G entries; an index that did not fit would read as "not found anywhere".
+        let i = u32::try_from(i).unwrap_or(NO_CANDIDATE);
         // SAFETY: `path` is NUL-terminated; argv and envp are NULL-terminated arrays of pointers to
         // NUL-terminated strings that live in `p`. execve only returns on failure.
         unsafe { libc::execve(path.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr()) };
         let e = errno();
         if e == libc::EACCES {
-            eacces.get_or_insert(i as u32);
+            eacces.get_or_insert(i);
         } else if !(p.searched && try_next_candidate(e)) {
             // SAFETY: see above.
-            unsafe { fail(report, STAGE_EXEC, e, i as u32) }
+            unsafe { fail(report, STAGE_EXEC, e, i) }
         }
     }
     let (e, index) = match eacces {

@@ -142,7 +142,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<(
     let ms = match timeout {
         None => -1,
         // round up, so that a deadline 0.4 ms away is not a busy loop of zero-timeout polls
-        Some(t) => t.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int,
+        Some(t) => libc::c_int::try_from(t.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
     };
     for p in fds.iter_mut() {
         p.revents = 0;

@@ -70,9 +70,14 @@ fn connect_once(cid: u32, port: u32) -> io::Result<OwnedFd> {
     let fd = sys::above_stdio(unsafe { OwnedFd::from_raw_fd(raw) })?;
     // SAFETY: an all-zero sockaddr_vm is valid; the fields that matter are set below.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    // AF_VSOCK is 40: it fits the u16 family field.
+    #[allow(clippy::cast_possible_truncation)]
+    let family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = family;
     addr.svm_cid = cid;
     addr.svm_port = port;
+    // sockaddr_vm is 16 bytes.
+    #[allow(clippy::cast_possible_truncation)]
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes that outlives the call.
     let r = unsafe {

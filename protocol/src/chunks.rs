@@ -89,6 +89,9 @@ impl<S: ChunkSource> Read for ChunkReader<S> {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
 
     struct Chunks(std::vec::IntoIter<Vec<u8>>);

@@ -290,7 +290,7 @@ impl Message {
                 tag::COPY_OUT_FAILED
             }
         };
-        let len = (out.len() - HEADER_LEN) as u32;
+        let len = len_u32(out.len() - HEADER_LEN);
         out[..4].copy_from_slice(&len.to_le_bytes());
         out[4] = t;
         out
@@ -416,13 +416,19 @@ impl FrameBuffer {
     }
 }
 
+/// A length as the wire's u32. Saturates: nothing sent is that large (payloads go in chunks of at
+/// most [`MAX_CHUNK`]), and a saturated length is over the frame limit, which the reader refuses.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len_u32(b.len()).to_le_bytes());
     out.extend_from_slice(b);
 }
 
 fn put_list(out: &mut Vec<u8>, items: &[Vec<u8>]) {
-    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len_u32(items.len()).to_le_bytes());
     for item in items {
         put_bytes(out, item);
     }

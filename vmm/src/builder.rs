@@ -193,8 +193,8 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
             .insert_str("vmm.scratch=vdb")
             .map_err(cmdline_error)?;
     }
-    for (index, device) in virtio.into_iter().enumerate() {
-        add_virtio_device(index as u32, device, &vm_fd, &mem, &mut io, &mut cmdline)?;
+    for (index, device) in (0u32..).zip(virtio) {
+        add_virtio_device(index, device, &vm_fd, &mem, &mut io, &mut cmdline)?;
     }
 
     let initrd = if config.command.is_some() {
@@ -301,12 +301,12 @@ fn open_read_only(path: &std::path::Path) -> Result<File, BuildError> {
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
-    for (slot, region) in mem.iter().enumerate() {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|_| BuildError::Device("guest memory has no host mapping".into()))?;
         let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -463,13 +463,9 @@ fn add_virtio_device(
         .map_err(|e| BuildError::Kvm("register a virtio irqfd", e))?;
     {
         let dev = device.lock().unwrap_or_else(|p| p.into_inner());
-        for (queue, evt) in dev.queue_events().iter().enumerate() {
+        for (queue, evt) in (0u32..).zip(dev.queue_events()) {
             vm_fd
-                .register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                    queue as u32,
-                )
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), queue)
                 .map_err(|e| BuildError::Kvm("register a queue ioeventfd", e))?;
         }
     }

@@ -164,9 +164,10 @@ impl TryFrom<RawArgs> for VmConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&raw.mem_mib) {
             return Err(ConfigError::Memory(raw.mem_mib));
         }
-        if raw.vcpus == 0 || raw.vcpus > u64::from(MAX_VCPUS) {
-            return Err(ConfigError::Vcpus(raw.vcpus));
-        }
+        let vcpus = u8::try_from(raw.vcpus)
+            .ok()
+            .filter(|&n| n != 0 && n <= MAX_VCPUS)
+            .ok_or(ConfigError::Vcpus(raw.vcpus))?;
         let append = raw.append.unwrap_or_default();
         if append.contains('\0') || append.contains('\n') {
             return Err(ConfigError::Append(
@@ -255,7 +256,7 @@ impl TryFrom<RawArgs> for VmConfig {
             kernel_format,
             rootfs,
             mem_mib: raw.mem_mib,
-            vcpus: raw.vcpus as u8,
+            vcpus,
             console: raw.console,
             append,
             command,

@@ -51,13 +51,13 @@ pub fn emit<E>(init: &[u8], mut sink: impl FnMut(&[u8]) -> Result<(), E>) -> Res
         Entry::File("init", 0o755, init),
     ];
     let mut written = 0;
-    for (ino, entry) in entries.iter().enumerate() {
+    for (ino, entry) in (1u32..).zip(&entries) {
         let (name, mode, rdev, data): (&str, u32, (u32, u32), &[u8]) = match entry {
             Entry::Dir(n) => (n, S_IFDIR | 0o755, (0, 0), &[]),
             Entry::File(n, perm, d) => (n, S_IFREG | perm, (0, 0), d),
             Entry::CharDev(n, major, minor) => (n, S_IFCHR | 0o600, (*major, *minor), &[]),
         };
-        written += push_member(&mut sink, ino as u32 + 1, name, mode, rdev, data)?;
+        written += push_member(&mut sink, ino, name, mode, rdev, data)?;
     }
     written += push_member(&mut sink, 0, "TRAILER!!!", 0, (0, 0), &[])?;
     // The kernel reads the archive in 512-byte blocks.
@@ -84,12 +84,12 @@ fn push_member<E>(
         0, // gid
         nlink,
         0, // mtime
-        data.len() as u32,
+        field(data.len()),
         0, // devmajor
         0, // devminor
         rdev.0,
         rdev.1,
-        name.len() as u32 + 1,
+        field(name.len() + 1),
         0, // checksum (newc has none)
     ];
     // 110 bytes of header, then the NUL-terminated name, padded to 4 bytes with the header
@@ -109,6 +109,12 @@ fn push_member<E>(
 }
 
 const HEADER_LEN: usize = 110;
+
+/// A length as a newc header field (8 hex digits). The members are guest-init (about a megabyte,
+/// embedded at build time) and fixed names, far below 4 GiB; a larger one would saturate.
+fn field(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,8 @@ use std::os::unix::fs::FileExt;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
-const PAGE: u64 = 4096;
+const PAGE_BYTES: usize = 4096;
+const PAGE: u64 = PAGE_BYTES as u64;
 
 /// A kernel image file with a read position, for linux-loader's `Read + ReadVolatile + Seek` reader.
 pub struct KernelFile {
@@ -49,8 +50,9 @@ impl KernelFile {
     /// Maps the whole pages of the file from the current position at `dst`, at most `max` bytes.
     /// Returns how many bytes were mapped: 0 when nothing could be (then the caller reads).
     fn map_at(&mut self, dst: *mut u8, max: usize) -> usize {
-        let left_in_file = self.len.saturating_sub(self.pos);
-        let whole = (max as u64).min(left_in_file) / PAGE * PAGE;
+        // what is left of the file is only compared with `max`: saturating it to usize changes nothing
+        let left_in_file = usize::try_from(self.len.saturating_sub(self.pos)).unwrap_or(usize::MAX);
+        let whole = max.min(left_in_file) / PAGE_BYTES * PAGE_BYTES;
         if whole == 0 || self.pos % PAGE != 0 || dst as u64 % PAGE != 0 {
             return 0;
         }
@@ -61,7 +63,7 @@ impl KernelFile {
         let got = unsafe {
             libc::mmap(
                 dst.cast::<libc::c_void>(),
-                whole as usize,
+                whole,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 self.file.as_raw_fd(),
@@ -71,8 +73,8 @@ impl KernelFile {
         if got == libc::MAP_FAILED {
             return 0;
         }
-        self.mapped.push((dst as usize, whole as usize));
-        whole as usize
+        self.mapped.push((dst as usize, whole));
+        whole
     }
 }
 
@@ -140,6 +142,9 @@ impl ReadVolatile for KernelFile {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -139,7 +139,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = if e.use_stderr() { EXIT_VMM_FAILED } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code as u8);
+            return exit_code(code);
         }
     };
     let store = || {
@@ -266,10 +266,10 @@ fn main() -> ExitCode {
             .and_then(|json| out.publish(&json));
         if let Err(e) = written {
             eprintln!("vmm: cannot write the result to {}: {e}", path.display());
-            return ExitCode::from(EXIT_VMM_FAILED as u8);
+            return exit_code(EXIT_VMM_FAILED);
         }
     }
-    ExitCode::from(result.exit_code.clamp(0, 255) as u8)
+    exit_code(result.exit_code)
 }
 
 /// Imports `src`, printing progress to stderr only when the import takes more than a moment.
@@ -326,5 +326,10 @@ fn die_with_parent() {
 
 fn fail(message: &str) -> ExitCode {
     eprintln!("vmm: {message}");
-    ExitCode::from(EXIT_VMM_FAILED as u8)
+    exit_code(EXIT_VMM_FAILED)
+}
+
+/// An exit status as the byte a parent sees, clamped to 0..=255 (vmm's own codes are all in range).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(u8::MAX))
 }

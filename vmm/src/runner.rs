@@ -544,12 +544,19 @@ const MINCORE_CHUNK_PAGES: usize = 4096;
 fn resident_kib(mem: &crate::devices::virtio::GuestMemory, file_backed: &[(usize, usize)]) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(0)
+        .max(4096);
     let mut resident_pages = 0u64;
     for region in mem.iter() {
-        if let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) {
-            resident_pages += mincore_pages(host as usize, region.len() as usize, page);
-        }
+        // A region this process has mapped has a length that fits its address space.
+        let (Ok(host), Ok(len)) = (
+            region.get_host_address(MemoryRegionAddress(0)),
+            usize::try_from(region.len()),
+        ) else {
+            continue;
+        };
+        resident_pages += mincore_pages(host as usize, len, page);
     }
     // Where guest memory is mapped from the kernel file, mincore counts the pages in the page cache;
     // count the ones this process has mapped (touched) instead.

@@ -37,7 +37,9 @@ fn us(d: Duration) -> f64 {
 /// the clock that perf, ftrace and a launcher's own stamps use, so the trace can be lined up with them
 /// (the benchmarks take exec to vmm's start from it).
 fn clock_monotonic_ns_at(t: Instant) -> u64 {
-    clock_monotonic_ns().saturating_sub(t.elapsed().as_nanos() as u64)
+    // 2^64 ns is 584 years: an elapsed time past it saturates, and so does the subtraction
+    let elapsed = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    clock_monotonic_ns().saturating_sub(elapsed)
 }
 
 /// Now on CLOCK_MONOTONIC, in nanoseconds.

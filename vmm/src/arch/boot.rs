@@ -22,6 +22,8 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+/// The zero page's 32-bit pointer to the command line.
+const CMDLINE_PTR: u32 = below_4g(CMDLINE_START.0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -29,6 +31,8 @@ pub enum BootError {
     MemoryTooSmall(u64),
     #[error("the initramfs ({0} bytes) does not fit below the kernel's initrd limit")]
     InitrdTooLarge(usize),
+    #[error("the {0} does not fit its 32-bit boot-protocol field")]
+    FieldTooLarge(&'static str),
     #[error("cannot write the boot parameters into guest memory: {0}")]
     Write(#[from] linux_loader::configurator::Error),
 }
@@ -115,7 +119,8 @@ pub fn write_pvh_start_info(
         version: 1,
         cmdline_paddr: CMDLINE_START.raw_value(),
         memmap_paddr: memmap_addr.raw_value(),
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len())
+            .map_err(|_| BootError::FieldTooLarge("e820 map"))?,
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, PVH_INFO_START);
@@ -152,12 +157,17 @@ pub fn write_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START.raw_value() as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_PTR;
+    params.hdr.cmdline_size =
+        u32::try_from(cmdline_len).map_err(|_| BootError::FieldTooLarge("command line"))?;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    // initrd_address places the initramfs below the MMIO gap, so both fit; a value that did not
+    // would be refused, not cut short.
     if let Some(initrd) = initrd {
-        params.hdr.ramdisk_image = initrd.addr.raw_value() as u32;
-        params.hdr.ramdisk_size = initrd.size as u32;
+        params.hdr.ramdisk_image = u32::try_from(initrd.addr.raw_value())
+            .map_err(|_| BootError::InitrdTooLarge(initrd.size))?;
+        params.hdr.ramdisk_size =
+            u32::try_from(initrd.size).map_err(|_| BootError::InitrdTooLarge(initrd.size))?;
     }
     let map = e820_map(mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
@@ -165,13 +175,19 @@ pub fn write_zero_page(
         slot.size = e.size;
         slot.r#type = e.kind;
     }
-    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    // at most the zero page's 128 e820 slots
+    #[allow(clippy::cast_possible_truncation)]
+    let entries = map.len().min(params.e820_table.len()) as u8;
+    params.e820_entries = entries;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, ZERO_PAGE_START), mem)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use vm_memory::Bytes;
 

@@ -50,21 +50,36 @@ pub const IOAPIC_PINS: u32 = 24;
 
 /// The guest RAM regions for `mem_size` bytes: below the MMIO gap, and the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
+    // usize is 64 bits on x86_64 and --mem is bounded by the config: a length that did not fit the
+    // address space would saturate, and mapping it would fail.
+    let len = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     if mem_size <= MMIO_GAP_START {
-        vec![(GuestAddress(0), mem_size as usize)]
+        vec![(GuestAddress(0), len(mem_size))]
     } else {
         vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
-            (
-                GuestAddress(MMIO_GAP_END),
-                (mem_size - MMIO_GAP_START) as usize,
-            ),
+            (GuestAddress(0), len(MMIO_GAP_START)),
+            (GuestAddress(MMIO_GAP_END), len(mem_size - MMIO_GAP_START)),
         ]
     }
 }
 
+/// A layout address below 4 GiB as the 32-bit field of a boot structure (MP table, zero page). For
+/// constants only: in a const item an address at or above 4 GiB fails the build.
+pub const fn below_4g(addr: u64) -> u32 {
+    assert!(
+        addr <= u32::MAX as u64,
+        "a 32-bit boot field takes an address below 4 GiB"
+    );
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let low = addr as u32;
+    low
+}
+
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
 
     #[test]

@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_START, IOAPIC_PINS, IOAPIC_START};
+use super::layout::{below_4g, APIC_START, IOAPIC_PINS, IOAPIC_START};
 
 /// Largest vCPU count: APIC IDs 0..MAX_VCPUS, and the IOAPIC takes the next ID.
 pub const MAX_VCPUS: u8 = 254;
@@ -29,6 +29,13 @@ const INT_TYPE_EXTINT: u8 = 3;
 const IRQ_FLAGS_DEFAULT: u16 = 0;
 const ISA_BUS_ID: u8 = 0;
 
+/// The IOAPIC's and the local APIC's addresses, in the MMIO gap below 4 GiB.
+const IOAPIC_ADDR: u32 = below_4g(IOAPIC_START);
+const APIC_ADDR: u32 = below_4g(APIC_START);
+/// The IOAPIC's pins as the table's byte-wide IRQ numbers.
+#[allow(clippy::cast_possible_truncation)] // 24 pins
+const PINS: u8 = IOAPIC_PINS as u8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
     #[error("{0} vCPUs is more than the MP table can describe ({MAX_VCPUS} at most)")]
@@ -37,6 +44,8 @@ pub enum MptableError {
     NoVcpus,
     #[error("the MP table does not fit in guest memory")]
     Write,
+    #[error("the MP table at {0:#x} is not below 4 GiB")]
+    Address(u64),
 }
 
 /// The bytes of the floating pointer followed by the configuration table, for a table placed at `addr`.
@@ -62,8 +71,8 @@ pub fn build(addr: GuestAddress, num_vcpus: u8) -> Result<Vec<u8>, MptableError>
     entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, APIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
-    for irq in 0..IOAPIC_PINS as u8 {
+    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    for irq in 0..PINS {
         // Every pin 1:1 to its ISA IRQ. KVM's IOAPIC has no 8259 cascade on pin 0: declaring it ExtINT
         // sends Linux's check_timer() down a path that oopses ("ExtINT not setup in hardware").
         entries.extend_from_slice(&[ENTRY_IOINTSRC, INT_TYPE_INT]);
@@ -79,12 +88,20 @@ pub fn build(addr: GuestAddress, num_vcpus: u8) -> Result<Vec<u8>, MptableError>
 
     const FLOATING_LEN: usize = 16;
     const HEADER_LEN: usize = 44;
-    let table_addr = addr.0 + FLOATING_LEN as u64;
-    let entry_count = num_vcpus as u16 + 1 + 1 + IOAPIC_PINS as u16 + 2;
+    // The floating pointer holds the table's address in 32 bits.
+    let table_addr = addr
+        .0
+        .checked_add(FLOATING_LEN as u64)
+        .and_then(|a| u32::try_from(a).ok())
+        .ok_or(MptableError::Address(addr.0))?;
+    let entry_count = u16::from(num_vcpus) + 1 + 1 + u16::from(PINS) + 2;
+    // 20 bytes per vCPU, at most MAX_VCPUS of them: well inside the 16-bit length
+    let table_len = u16::try_from(HEADER_LEN + entries.len())
+        .map_err(|_| MptableError::TooManyVcpus(num_vcpus))?;
 
     let mut table = Vec::with_capacity(HEADER_LEN + entries.len());
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&((HEADER_LEN + entries.len()) as u16).to_le_bytes());
+    table.extend_from_slice(&table_len.to_le_bytes());
     table.push(4); // spec revision 1.4
     table.push(0); // checksum, below
     table.extend_from_slice(b"VMM     "); // OEM ID
@@ -92,14 +109,14 @@ pub fn build(addr: GuestAddress, num_vcpus: u8) -> Result<Vec<u8>, MptableError>
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&entry_count.to_le_bytes());
-    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&APIC_ADDR.to_le_bytes());
     table.extend_from_slice(&[0; 4]); // extended table length, checksum, reserved
     table.extend_from_slice(&entries);
     table[7] = checksum_byte(&table);
 
     let mut floating = Vec::with_capacity(FLOATING_LEN);
     floating.extend_from_slice(b"_MP_");
-    floating.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    floating.extend_from_slice(&table_addr.to_le_bytes());
     floating.push(1); // length in 16-byte units
     floating.push(4); // spec revision 1.4
     floating.push(0); // checksum, below
@@ -124,6 +141,9 @@ fn checksum_byte(bytes: &[u8]) -> u8 {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
 
     fn sum(b: &[u8]) -> u8 {

@@ -43,7 +43,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The KVM segment for GDT `entry` at `index`.
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
-    let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    let limit = ((entry & 0xffff) as u32) | (((entry >> 32) & 0xf_0000) as u32);
     let granular = (entry >> 55) & 1 == 1;
     kvm_segment {
         base,
@@ -99,7 +99,10 @@ pub fn setup_sregs(
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = BOOT_GDT_START.0;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    // 4 entries of 8 bytes: the limit is 31
+    #[allow(clippy::cast_possible_truncation)]
+    let gdt_limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_START.0;
     sregs.idt.limit = 7;
     sregs.cs = code;

@@ -1056,9 +1056,12 @@ pub(crate) fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
     };
     let sec: i64 = int.parse().ok()?;
     let mut nsec: u32 = 0;
-    for (i, c) in frac.chars().take(9).enumerate() {
+    // the first digit counts 10^8 ns, the ninth 1 ns; later digits are below a nanosecond
+    let mut scale: u32 = 100_000_000;
+    for c in frac.chars().take(9) {
         let d = c.to_digit(10)?;
-        nsec += d * 10u32.pow(8 - i as u32);
+        nsec += d * scale;
+        scale /= 10;
     }
     if sec < 0 && nsec > 0 {
         // -1.5 is 2 s before the epoch plus 0.5 s

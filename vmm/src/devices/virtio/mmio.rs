@@ -124,7 +124,7 @@ impl MmioTransport {
             REG_DEVICE_ID => self.device_type,
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered_features as u32,
+                0 => (self.offered_features & 0xffff_ffff) as u32,
                 1 => (self.offered_features >> 32) as u32,
                 _ => 0,
             },
@@ -164,10 +164,14 @@ impl MmioTransport {
             }
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM => {
+                // virtio-queue ignores a size that is zero, not a power of two or over the maximum: the
+                // queue keeps the size it had. A value past u16 is no size at all and is ignored the
+                // same way, not cut to its low 16 bits (0x1_0100 would have become 256).
+                let Ok(size) = u16::try_from(value) else {
+                    return;
+                };
                 if let Some(q) = self.selected_queue() {
-                    // virtio-queue ignores sizes that are not a power of two or exceed the maximum, and
-                    // is_valid() then rejects the queue at activation.
-                    q.set_size(value as u16);
+                    q.set_size(size);
                 }
             }
             REG_QUEUE_READY => {
@@ -319,6 +323,9 @@ impl MutDeviceMmio for MmioTransport {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use event_manager::{EventOps, Events, MutEventSubscriber};
     use vm_memory::GuestAddress;
@@ -487,6 +494,18 @@ mod tests {
         write(&mut t, REG_QUEUE_SEL, 99);
         assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0);
         write(&mut t, REG_QUEUE_NUM, 8); // no panic
+    }
+
+    #[test]
+    fn queue_size_past_u16_is_ignored_not_truncated() {
+        let (mut t, _) = setup();
+        negotiate(&mut t);
+        write(&mut t, REG_QUEUE_SEL, 0);
+        write(&mut t, REG_QUEUE_NUM, 4);
+        assert_eq!(t.queues[0].size(), 4);
+        // the low 16 bits alone would be a valid size of 8
+        write(&mut t, REG_QUEUE_NUM, 0x1_0008);
+        assert_eq!(t.queues[0].size(), 4);
     }
 
     #[test]

@@ -261,6 +261,9 @@ impl WriteVolatile for FileAt<'_> {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;

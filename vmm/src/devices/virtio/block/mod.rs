@@ -52,6 +52,7 @@ const CONFIG_SEG_MAX: usize = 12;
 const CONFIG_BLK_SIZE: usize = 20;
 
 /// The logical block size advertised: one sector, so the guest never needs read-modify-write.
+#[allow(clippy::cast_possible_truncation)] // 512
 const BLOCK_SIZE: u32 = SECTOR_SIZE as u32;
 
 /// Serials of the two disks vmm serves, reported by GET_ID (the guest's /sys/block/vdX/serial).
@@ -59,9 +60,12 @@ const ROOTFS_SERIAL: &str = "vmm-rootfs";
 const SCRATCH_SERIAL: &str = "vmm-scratch";
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 
-// Status values are single bytes by definition; the bindings declare them as u32.
+// Status values are single bytes by definition (0, 1, 2); the bindings declare them as u32.
+#[allow(clippy::cast_possible_truncation)]
 const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)]
 const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation)]
 const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Why a block device could not be created.
@@ -295,7 +299,6 @@ fn write_status(mem: &GuestMemory, status: GuestAddress, value: u8, data_written
 /// Copies the serial into the GET_ID buffers, as much as fits; returns the bytes written.
 fn write_id(mem: &GuestMemory, serial: &[u8; ID_BYTES], buffers: &[GuestBuffer]) -> u32 {
     let mut remaining: &[u8] = serial;
-    let mut written = 0u32;
     for buffer in buffers {
         if remaining.is_empty() {
             break;
@@ -306,11 +309,10 @@ fn write_id(mem: &GuestMemory, serial: &[u8; ID_BYTES], buffers: &[GuestBuffer])
         if mem.write_slice(chunk, buffer.addr).is_err() {
             break;
         }
-        // len <= ID_BYTES
-        written += len as u32;
         remaining = rest;
     }
-    written
+    // at most ID_BYTES (20)
+    u32::try_from(serial.len() - remaining.len()).unwrap_or(VIRTIO_BLK_ID_BYTES)
 }
 
 fn report_io_error(error: &DiskIoError, reported: &mut bool) {

@@ -328,6 +328,9 @@ fn disk_offset(sector: u64, len: u32, capacity: u64) -> Result<u64, RequestError
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,

@@ -1,6 +1,9 @@
 //! The device end to end: chains placed on a mock split queue in real guest memory, served from a
 //! temporary image file, with the used ring, status bytes, the image and the interrupt checked after.
 
+// test data is small
+#![allow(clippy::cast_possible_truncation)]
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -533,6 +533,9 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use crate::devices::virtio::vsock::MAX_PKT_DATA;
 

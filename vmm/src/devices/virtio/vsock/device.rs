@@ -323,8 +323,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (queue, evt) in self.queue_events.iter().enumerate() {
-            let data = queue as u32;
+        for ((queue, evt), data) in self.queue_events.iter().enumerate().zip(0u32..) {
             if let Err(source) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 self.registration_error = Some(Error::RegisterQueueEvent { queue, source });
             }

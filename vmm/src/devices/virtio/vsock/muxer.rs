@@ -433,6 +433,9 @@ impl Muxer {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use crate::devices::virtio::vsock::{HOST_CID, TYPE_STREAM};
     use std::io::{Read, Write};

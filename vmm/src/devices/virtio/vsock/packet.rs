@@ -216,6 +216,9 @@ pub fn write_packet(
 
 #[cfg(test)]
 mod tests {
+    // test data is small
+    #![allow(clippy::cast_possible_truncation)]
+
     use super::*;
     use crate::devices::virtio::GuestMemory;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;

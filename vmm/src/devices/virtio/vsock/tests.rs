@@ -2,6 +2,9 @@
 //! against the whole device. Host sockets are driven either by a fake registry that fires every watched
 //! socket (spurious wake-ups included, which the device must tolerate) or by a real EventManager.
 
+// test data is small
+#![allow(clippy::cast_possible_truncation)]
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
