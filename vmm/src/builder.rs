@@ -33,9 +33,9 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{GuestMemory, Interrupt, VirtioDevice};
+use crate::printk::PrintkLog;
 use crate::timeline::Timeline;
-use crate::trace::PrintkLog;
-use crate::vcpu::VmEnd;
+use crate::vm_end::VmEnd;
 
 /// The guest's vsock context ID (0-2 are reserved, 2 is the host).
 pub const GUEST_CID: u64 = 3;

@@ -43,5 +43,4 @@ mod tests {
         assert_eq!(exit_code_of_error(ErrorKind::NotExecutable), 126);
         assert_eq!(exit_code_of_error(ErrorKind::Setup), 125);
     }
-
 }

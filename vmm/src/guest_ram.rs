@@ -14,7 +14,9 @@ use std::ptr::null_mut;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestRegionMmap};
 
-use crate::devices::virtio::GuestMemory;
+/// The guest memory every device and vCPU works on: anonymous mappings (see [`map`]) and, where the
+/// kernel is mapped from its file, file mappings, as vm-memory regions.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// The size of an x86-64 transparent huge page.
 const HUGE_PAGE: usize = 2 << 20;

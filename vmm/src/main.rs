@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vmm::config::{cache_dir, is_pvm_host, RawArgs, VmConfig};
+use vmm::exit_code::EXIT_VMM_FAILED;
 use vmm::image::{Image, ImageError, ImageStore};
 use vmm::output_file::OutputFile;
-use vmm::exit_code::EXIT_VMM_FAILED;
 use vmm::runner;
 use vmm::seccomp::Mode;
 use vmm::timeline::Timeline;

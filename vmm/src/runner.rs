@@ -17,7 +17,8 @@ use crate::control::{self, Control, Forward, Outcome};
 use crate::exit_code::*;
 use crate::result::*;
 use crate::timeline::Timeline;
-use crate::vcpu::{self, ExitCounts, GuestEnd, VcpuHandle};
+use crate::vcpu::{self, ExitCounts, VcpuHandle};
+use crate::vm_end::{GuestEnd, VmEnd};
 
 /// How long the command gets to end after a forwarded SIGTERM/SIGINT before the VM is torn down.
 const SIGNAL_GRACE: Duration = Duration::from_secs(5);
@@ -97,7 +98,7 @@ enum Decision {
 
 /// The event-loop subscriber that watches for the end of the run.
 struct Lifecycle {
-    vm_end: Arc<vcpu::VmEnd>,
+    vm_end: Arc<VmEnd>,
     control: Option<(RawFd, control::ControlWriter)>,
     control_state: Option<Arc<Mutex<control::ControlState>>>,
     /// Fires if guest-init has not connected in time.

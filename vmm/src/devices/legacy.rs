@@ -74,7 +74,7 @@ impl<W: Write + Send> MutDevicePio for SerialDevice<W> {
 /// The console's output: the guest's serial bytes go to our stderr as they come, and printk lines are
 /// kept with their timestamps for `--trace`.
 pub struct ConsoleOut {
-    pub printk: std::sync::Arc<std::sync::Mutex<crate::trace::PrintkLog>>,
+    pub printk: std::sync::Arc<std::sync::Mutex<crate::printk::PrintkLog>>,
 }
 
 impl Write for ConsoleOut {
@@ -94,13 +94,13 @@ impl Write for ConsoleOut {
 }
 
 /// The guest's reset request, as the end of the VM.
-pub struct ResetTrigger(pub std::sync::Arc<crate::vcpu::VmEnd>);
+pub struct ResetTrigger(pub std::sync::Arc<crate::vm_end::VmEnd>);
 
 impl Trigger for ResetTrigger {
     type E = std::io::Error;
 
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.report(crate::vcpu::GuestEnd::Reset);
+        self.0.report(crate::vm_end::GuestEnd::Reset);
         Ok(())
     }
 }

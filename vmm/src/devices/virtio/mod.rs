@@ -18,8 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 
-/// The guest memory every device works on.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+pub use crate::guest_ram::GuestMemory;
 
 /// Feature bit: the device conforms to virtio 1.x (required by virtio-mmio version 2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
