@@ -42,3 +42,24 @@ fn parse_printk(line: &str) -> Option<(f64, String)> {
     let secs: f64 = stamp.trim().parse().ok()?;
     Some((secs, text.trim().to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printk_lines_are_parsed_and_others_skipped() {
+        let mut log = PrintkLog::default();
+        log.feed(
+            b"[    0.123456] Linux version 6.1\r\nplain line\n[   1.5] Run /init as init proc",
+        );
+        log.feed(b"ess\n[bad] x\n");
+        assert_eq!(
+            log.lines(),
+            [
+                (0.123456, "Linux version 6.1".to_string()),
+                (1.5, "Run /init as init process".to_string())
+            ]
+        );
+    }
+}

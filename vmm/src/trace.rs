@@ -172,22 +172,6 @@ mod tests {
     }
 
     #[test]
-    fn printk_lines_are_parsed_and_others_skipped() {
-        let mut log = PrintkLog::default();
-        log.feed(
-            b"[    0.123456] Linux version 6.1\r\nplain line\n[   1.5] Run /init as init proc",
-        );
-        log.feed(b"ess\n[bad] x\n");
-        assert_eq!(
-            log.lines(),
-            [
-                (0.123456, "Linux version 6.1".to_string()),
-                (1.5, "Run /init as init process".to_string())
-            ]
-        );
-    }
-
-    #[test]
     fn trace_has_the_trace_event_shape() {
         let start = Instant::now();
         let marks = vec![("arguments parsed".to_string(), Duration::from_micros(100))];
