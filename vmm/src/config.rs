@@ -73,7 +73,8 @@ pub enum KernelFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSpec {
     pub argv: Vec<String>,
-    /// Extra `KEY=VALUE` entries, applied over the defaults.
+    /// The command's whole environment: PATH and HOME by default, then the image's Env, then `--env`
+    /// (a later KEY replaces an earlier one).
     pub env: Vec<(String, String)>,
     pub workdir: String,
     pub uid: u32,
@@ -117,7 +118,9 @@ pub struct RawArgs {
     pub env: Vec<String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
-    pub timeout: Option<String>,
+    /// `--timeout`, parsed once by [`parse_timeout`] where vmm starts (its watchdog needs it before
+    /// anything else).
+    pub timeout: Option<Duration>,
     pub result: Option<PathBuf>,
     pub trace: Option<PathBuf>,
     pub scratch: Option<String>,
@@ -210,23 +213,11 @@ impl TryFrom<RawArgs> for VmConfig {
             }
             None => None,
             Some(argv) => {
-                // the image's Env first, then --env; a later KEY replaces an earlier one
-                let mut env: Vec<(String, String)> = Vec::new();
-                let image_env = image.env.iter().filter_map(|e| e.split_once('='));
                 let flag_env = raw
                     .env
                     .iter()
                     .map(|e| parse_env(e))
                     .collect::<Result<Vec<_>, _>>()?;
-                for (k, v) in image_env
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .chain(flag_env)
-                {
-                    match env.iter_mut().find(|(key, _)| *key == k) {
-                        Some(slot) => slot.1 = v,
-                        None => env.push((k, v)),
-                    }
-                }
                 let workdir = raw
                     .workdir
                     .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
@@ -238,6 +229,17 @@ impl TryFrom<RawArgs> for VmConfig {
                     Some(u) => parse_user(&u)?,
                     None => raw.user_ids.unwrap_or((0, 0)),
                 };
+                let image_env = image
+                    .env
+                    .iter()
+                    .filter_map(|e| e.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()));
+                let env = merge_env(
+                    default_env(uid)
+                        .into_iter()
+                        .chain(image_env)
+                        .chain(flag_env),
+                );
                 Some(CommandSpec {
                     argv,
                     env,
@@ -248,7 +250,6 @@ impl TryFrom<RawArgs> for VmConfig {
                 })
             }
         };
-        let timeout = raw.timeout.map(|t| parse_timeout(&t)).transpose()?;
         let scratch_bytes = raw.scratch.map(|s| parse_size(&s)).transpose()?;
 
         Ok(VmConfig {
@@ -260,7 +261,7 @@ impl TryFrom<RawArgs> for VmConfig {
             console: raw.console,
             append,
             command,
-            timeout,
+            timeout: raw.timeout,
             result_file: raw.result,
             trace_file: raw.trace,
             scratch_bytes,
@@ -405,6 +406,30 @@ fn parse_size(s: &str) -> Result<u64, ConfigError> {
         return Err(bad());
     }
     Ok(bytes)
+}
+
+/// What every command's environment starts from, as `docker run` gives it.
+fn default_env(uid: u32) -> [(String, String); 2] {
+    let home = if uid == 0 { "/root" } else { "/" };
+    [
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), home.into()),
+    ]
+}
+
+/// `KEY=VALUE` pairs in order, a later KEY replacing an earlier one in its place.
+fn merge_env(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (k, v) in pairs {
+        match env.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => env.push((k, v)),
+        }
+    }
+    env
 }
 
 /// `--timeout`: seconds, fractions allowed.
@@ -582,13 +607,7 @@ mod tests {
             Err(ConfigError::Workdir(_))
         ));
         for t in ["0", "-1", "abc", "inf", "NaN"] {
-            assert!(matches!(
-                VmConfig::try_from(RawArgs {
-                    timeout: Some(t.into()),
-                    ..with_cmd()
-                }),
-                Err(ConfigError::Timeout(_))
-            ));
+            assert!(matches!(parse_timeout(t), Err(ConfigError::Timeout(_))));
         }
         assert!(matches!(
             VmConfig::try_from(RawArgs {
@@ -612,14 +631,23 @@ mod tests {
             cmd: Some("true".into()),
             env: vec!["A=b=c".into(), "EMPTY=".into()],
             user: Some("1000:100".into()),
-            timeout: Some("2.5".into()),
+            timeout: Some(parse_timeout("2.5").unwrap()),
             ..raw()
         })
         .unwrap();
         let cmd = c.command.unwrap();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
         assert_eq!(
             cmd.env,
-            [("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]
+            [
+                pair(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                ),
+                pair("HOME", "/"),
+                pair("A", "b=c"),
+                pair("EMPTY", "")
+            ]
         );
         assert_eq!((cmd.uid, cmd.gid), (1000, 100));
         assert_eq!(c.timeout, Some(Duration::from_millis(2500)));
@@ -647,10 +675,12 @@ mod tests {
         };
         let c = VmConfig::try_from(with_image()).unwrap().command.unwrap();
         assert_eq!(c.argv, ["/entry", "make", "all"]);
+        // the defaults first, the image's Env over them
         assert_eq!(
             c.env,
             [
                 ("PATH".into(), "/opt/bin:/bin".into()),
+                ("HOME".into(), "/".into()),
                 ("LANG".into(), "C".into())
             ]
         );
@@ -666,7 +696,9 @@ mod tests {
         .command
         .unwrap();
         assert_eq!(c.argv, ["/entry", "test"]);
-        assert_eq!(c.env[1], ("LANG".into(), "en".into()));
+        // --user 0 gets root's HOME; --env replaces the image's LANG in its place
+        assert_eq!(c.env[1], ("HOME".into(), "/root".into()));
+        assert_eq!(c.env[2], ("LANG".into(), "en".into()));
         assert_eq!((c.workdir.as_str(), c.uid), ("/w", 0));
         let c = VmConfig::try_from(RawArgs {
             cmd: Some("ls".into()),

@@ -116,6 +116,35 @@ pub struct Control {
     _thread: JoinHandle<()>,
 }
 
+/// The guest's view of the command: argv, its whole environment, workdir, user, the copies' guest
+/// paths.
+pub fn run_request(spec: &crate::config::CommandSpec) -> RunRequest {
+    let bytes = |s: &str| s.as_bytes().to_vec();
+    RunRequest {
+        argv: spec.argv.iter().map(|a| bytes(a)).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}").into_bytes())
+            .collect(),
+        workdir: bytes(&spec.workdir),
+        uid: spec.uid,
+        gid: spec.gid,
+        copy_in: spec
+            .transfers
+            .copy_in
+            .iter()
+            .map(|(_, guest)| bytes(guest))
+            .collect(),
+        copy_out: spec
+            .transfers
+            .copy_out
+            .iter()
+            .map(|(guest, _)| bytes(guest))
+            .collect(),
+    }
+}
+
 /// Starts the control thread: it waits for guest-init to connect, then runs the conversation.
 pub fn start(
     connections: Receiver<UnixStream>,
@@ -322,6 +351,28 @@ mod tests {
     fn writer_and_peer() -> (ControlWriter, UnixStream) {
         let (ours, peer) = UnixStream::pair().expect("socketpair");
         (ControlWriter(Arc::new(Mutex::new(Some(ours)))), peer)
+    }
+
+    #[test]
+    fn the_run_request_carries_the_spec() {
+        let spec = crate::config::CommandSpec {
+            argv: vec!["ls".into()],
+            env: vec![("PATH".into(), "/opt/bin".into()), ("A".into(), "1".into())],
+            workdir: "/w".into(),
+            uid: 1000,
+            gid: 1000,
+            transfers: crate::config::Transfers {
+                copy_in: vec![("/host/src".into(), "/src".into())],
+                copy_out: vec![("/src/out".into(), "/host/out".into())],
+            },
+        };
+        let req = run_request(&spec);
+        assert_eq!(req.argv, [b"ls".to_vec()]);
+        assert_eq!(req.copy_in, [b"/src".to_vec()]);
+        assert_eq!(req.copy_out, [b"/src/out".to_vec()]);
+        assert_eq!(req.env, [b"PATH=/opt/bin".to_vec(), b"A=1".to_vec()]);
+        assert_eq!(req.workdir, b"/w");
+        assert_eq!((req.uid, req.gid), (1000, 1000));
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
     one_malloc_arena();
     die_with_parent();
     // Before any thread exists, so that every thread inherits the blocked mask.
-    let signals = match runner::block_lifecycle_signals() {
+    let signals = match vmm::lifecycle::block_lifecycle_signals() {
         Ok(fd) => fd,
         Err(e) => return fail(&format!("cannot set up signal handling: {e}")),
     };
@@ -203,7 +203,7 @@ fn main() -> ExitCode {
         env: cli.env,
         workdir: cli.workdir,
         user: None,
-        timeout: cli.timeout,
+        timeout,
         result: cli.result,
         trace: cli.trace,
         scratch: cli.scratch,

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::device_manager::{DeviceRegistry, DeviceReport};
 use crate::vcpu::{ExitCounts, ExitKind};
 
 /// Why the VM ended.
@@ -50,13 +51,15 @@ pub struct RunResult {
     pub vsock_malformed_packets: u64,
     /// Exits to user space by kind, summed over vCPUs.
     pub exits: Vec<ExitCount>,
+    /// Each virtio device: where the guest saw it and what it counted.
+    pub devices: Vec<DeviceReport>,
     /// vmm's peak resident memory, guest pages it touched included.
     pub peak_rss_kib: u64,
     /// Guest memory that is resident at the end: what the guest touched.
     pub guest_resident_kib: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CommandStatus {
     Code(i32),
@@ -90,36 +93,32 @@ pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// Names an exit kind for people: the port or the device window.
-pub fn describe_exit(kind: &ExitKind) -> String {
-    use crate::arch::layout::VIRTIO_MMIO_START;
-    let device = |addr: u64| match addr.checked_sub(VIRTIO_MMIO_START).map(|o| o / 0x1000) {
-        Some(0) => "virtio-blk".to_string(),
-        Some(1) => "virtio-vsock".to_string(),
-        Some(2) => "virtio-blk scratch".to_string(),
-        _ => format!("{addr:#x}"),
+/// Names an exit kind for people: the device whose port or window it was, from the registry.
+pub fn describe_exit(kind: &ExitKind, registry: &DeviceRegistry) -> String {
+    let window = |addr: u64| {
+        registry
+            .mmio_name(addr)
+            .map_or_else(|| format!("{addr:#x}"), str::to_string)
     };
-    let port = |p: u16| match p {
-        0x3f8..=0x3ff => format!("serial {p:#x}"),
-        0x60..=0x64 => format!("i8042 {p:#x}"),
-        0x70..=0x71 => format!("rtc {p:#x}"),
-        _ => format!("{p:#x}"),
+    let port = |p: u16| match registry.port_name(p) {
+        Some(name) => format!("{name} {p:#x}"),
+        None => format!("{p:#x}"),
     };
     match kind {
         ExitKind::PioRead(p) => format!("pio-read {}", port(*p)),
         ExitKind::PioWrite(p) => format!("pio-write {}", port(*p)),
-        ExitKind::MmioRead(a) => format!("mmio-read {}", device(*a)),
-        ExitKind::MmioWrite(a) => format!("mmio-write {}", device(*a)),
+        ExitKind::MmioRead(a) => format!("mmio-read {}", window(*a)),
+        ExitKind::MmioWrite(a) => format!("mmio-write {}", window(*a)),
         ExitKind::Other(what) => (*what).to_string(),
     }
 }
 
 /// Sums per-vCPU exit counts into the result's list, most frequent first.
-pub fn summarize_exits(per_vcpu: &[ExitCounts]) -> Vec<ExitCount> {
+pub fn summarize_exits(per_vcpu: &[ExitCounts], registry: &DeviceRegistry) -> Vec<ExitCount> {
     let mut total = std::collections::BTreeMap::<String, u64>::new();
     for counts in per_vcpu {
         for (kind, n) in &counts.counts {
-            *total.entry(describe_exit(kind)).or_insert(0) += n;
+            *total.entry(describe_exit(kind, registry)).or_insert(0) += n;
         }
     }
     let mut list: Vec<ExitCount> = total
@@ -141,9 +140,13 @@ mod tests {
         a.counts.insert(ExitKind::PioWrite(0x3f8), 1);
         let mut b = ExitCounts::default();
         b.counts.insert(ExitKind::MmioWrite(0xd000_0000), 2);
-        let s = summarize_exits(&[a, b]);
+        b.counts.insert(ExitKind::MmioRead(0xd000_5000), 1);
+        let registry =
+            DeviceRegistry::of_names(&[("virtio-blk", 0xd000_0000)], &[(0x3f8, 8, "serial")]);
+        let s = summarize_exits(&[a, b], &registry);
         assert_eq!(s[0].kind, "mmio-write virtio-blk");
         assert_eq!(s[0].count, 5);
-        assert_eq!(s[1].kind, "pio-write serial 0x3f8");
+        assert_eq!(s[1].kind, "mmio-read 0xd0005000");
+        assert_eq!(s[2].kind, "pio-write serial 0x3f8");
     }
 }

@@ -166,6 +166,7 @@ mod tests {
                 kind: "pio-write 0x440".into(),
                 count: 5,
             }],
+            devices: Vec::new(),
             peak_rss_kib: 0,
             guest_resident_kib: 0,
         }

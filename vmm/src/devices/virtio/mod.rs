@@ -187,6 +187,12 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// Starts serving the queues.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
 
+    /// What the device has counted so far, by name (bytes, requests, refused packets), for the
+    /// result.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Stops serving the queues, after the driver wrote 0 to Status. Returns false if the device cannot be
     /// reset, in which case the transport sets DEVICE_NEEDS_RESET and the device stays as it is.
     fn reset(&mut self) -> bool {

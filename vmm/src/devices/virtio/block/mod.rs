@@ -329,6 +329,16 @@ impl VirtioDevice for Block {
         VIRTIO_ID_BLOCK
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("bytes_read", s.bytes_read),
+            ("bytes_written", s.bytes_written),
+            ("requests", s.requests),
+            ("failed_requests", s.failed_requests),
+        ]
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }

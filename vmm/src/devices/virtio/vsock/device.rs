@@ -267,6 +267,15 @@ impl VirtioDevice for Vsock {
         VIRTIO_ID_VSOCK
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let (to_host, to_guest) = self.bytes_counters();
+        vec![
+            ("bytes_to_host", to_host),
+            ("bytes_to_guest", to_guest),
+            ("malformed_packets", self.malformed_packets),
+        ]
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
