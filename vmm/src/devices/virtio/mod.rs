@@ -21,12 +21,10 @@ pub use mmio::MmioTransport;
 pub use crate::guest_ram::GuestMemory;
 
 /// Feature bit: the device conforms to virtio 1.x (required by virtio-mmio version 2).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
-/// Interrupt status bit: a used ring was updated.
-pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
-/// Interrupt status bit: the configuration space changed.
-pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+/// Interrupt status bits: a used ring was updated; the configuration space changed.
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
 /// The device's line to the guest: the interrupt status register of the transport plus an irqfd that
 /// KVM's in-kernel irqchip turns into an edge on the device's GSI without a trip through user space.

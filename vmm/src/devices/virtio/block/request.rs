@@ -268,6 +268,21 @@ fn status_byte<M: GuestMemoryBackend + ?Sized>(
     Ok(descriptor.addr())
 }
 
+/// `struct virtio_blk_outhdr` as it lies in guest memory (little-endian).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct OutHeader {
+    request_type: u32,
+    ioprio: u32,
+    sector: u64,
+}
+
+// SAFETY: three plain integers without padding (4 + 4 + 8 bytes, 8-aligned): every bit pattern is a
+// valid value, and the guest may write any.
+unsafe impl vm_memory::ByteValued for OutHeader {}
+
+const _: () = assert!(std::mem::size_of::<OutHeader>() as u64 == HEADER_SIZE as u64);
+
 /// Reads `struct virtio_blk_outhdr`, returning the request type and the sector.
 fn read_header<M: GuestMemoryBackend + ?Sized>(
     descriptor: &Descriptor,
@@ -279,13 +294,12 @@ fn read_header<M: GuestMemoryBackend + ?Sized>(
     if descriptor.len() < HEADER_SIZE {
         return Err(RequestError::HeaderTooShort(descriptor.len()));
     }
-    let mut header = [0u8; HEADER_SIZE as usize];
-    mem.read_slice(&mut header, descriptor.addr())
+    let header: OutHeader = mem
+        .read_obj(descriptor.addr())
         .map_err(|_| RequestError::HeaderOutOfMemory(descriptor.addr().0))?;
-    let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
     Ok((
-        u32::from_le_bytes([t0, t1, t2, t3]),
-        u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        u32::from_le(header.request_type),
+        u64::from_le(header.sector),
     ))
 }
 

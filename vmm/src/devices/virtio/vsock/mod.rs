@@ -31,7 +31,7 @@ mod tests;
 pub use device::Vsock;
 
 /// Virtio device ID of a socket device.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 /// The host's well-known context ID: the only destination the guest can reach.
 pub const HOST_CID: u64 = 2;

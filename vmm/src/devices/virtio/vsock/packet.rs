@@ -15,6 +15,7 @@
 use std::io::{Read, Write};
 
 use virtio_queue::{Reader, Writer};
+use vm_memory::ByteValued;
 
 use super::{HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 
@@ -65,52 +66,62 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
-// Byte offsets of the header fields.
-const SRC_CID: usize = 0;
-const DST_CID: usize = 8;
-const SRC_PORT: usize = 16;
-const DST_PORT: usize = 20;
-const LEN: usize = 24;
-const TYPE: usize = 28;
-const OP: usize = 30;
-const FLAGS: usize = 32;
-const BUF_ALLOC: usize = 36;
-const FWD_CNT: usize = 40;
-
-fn get<const N: usize>(bytes: &[u8; HEADER_SIZE], at: usize) -> [u8; N] {
-    let mut field = [0u8; N];
-    field.copy_from_slice(&bytes[at..at + N]);
-    field
+/// The header as it lies on the wire: little-endian fields, packed to its 44 bytes.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct WireHeader {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
 }
+
+// SAFETY: plain integers, packed (no padding): every bit pattern is a valid value, and the guest may
+// write any.
+unsafe impl ByteValued for WireHeader {}
+
+const _: () = assert!(std::mem::size_of::<WireHeader>() == HEADER_SIZE);
 
 impl Header {
     pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Self {
+        let mut w = WireHeader::default();
+        w.as_mut_slice().copy_from_slice(b);
+        // (fields of a packed struct are read by value)
         Header {
-            src_cid: u64::from_le_bytes(get(b, SRC_CID)),
-            dst_cid: u64::from_le_bytes(get(b, DST_CID)),
-            src_port: u32::from_le_bytes(get(b, SRC_PORT)),
-            dst_port: u32::from_le_bytes(get(b, DST_PORT)),
-            len: u32::from_le_bytes(get(b, LEN)),
-            type_: u16::from_le_bytes(get(b, TYPE)),
-            op: u16::from_le_bytes(get(b, OP)),
-            flags: u32::from_le_bytes(get(b, FLAGS)),
-            buf_alloc: u32::from_le_bytes(get(b, BUF_ALLOC)),
-            fwd_cnt: u32::from_le_bytes(get(b, FWD_CNT)),
+            src_cid: u64::from_le(w.src_cid),
+            dst_cid: u64::from_le(w.dst_cid),
+            src_port: u32::from_le(w.src_port),
+            dst_port: u32::from_le(w.dst_port),
+            len: u32::from_le(w.len),
+            type_: u16::from_le(w.type_),
+            op: u16::from_le(w.op),
+            flags: u32::from_le(w.flags),
+            buf_alloc: u32::from_le(w.buf_alloc),
+            fwd_cnt: u32::from_le(w.fwd_cnt),
         }
     }
 
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let w = WireHeader {
+            src_cid: self.src_cid.to_le(),
+            dst_cid: self.dst_cid.to_le(),
+            src_port: self.src_port.to_le(),
+            dst_port: self.dst_port.to_le(),
+            len: self.len.to_le(),
+            type_: self.type_.to_le(),
+            op: self.op.to_le(),
+            flags: self.flags.to_le(),
+            buf_alloc: self.buf_alloc.to_le(),
+            fwd_cnt: self.fwd_cnt.to_le(),
+        };
         let mut b = [0u8; HEADER_SIZE];
-        b[SRC_CID..SRC_CID + 8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[DST_CID..DST_CID + 8].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[SRC_PORT..SRC_PORT + 4].copy_from_slice(&self.src_port.to_le_bytes());
-        b[DST_PORT..DST_PORT + 4].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[LEN..LEN + 4].copy_from_slice(&self.len.to_le_bytes());
-        b[TYPE..TYPE + 2].copy_from_slice(&self.type_.to_le_bytes());
-        b[OP..OP + 2].copy_from_slice(&self.op.to_le_bytes());
-        b[FLAGS..FLAGS + 4].copy_from_slice(&self.flags.to_le_bytes());
-        b[BUF_ALLOC..BUF_ALLOC + 4].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[FWD_CNT..FWD_CNT + 4].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b.copy_from_slice(w.as_slice());
         b
     }
 
