@@ -160,9 +160,9 @@ impl TryFrom<RawArgs> for VmConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawArgs) -> Result<Self, ConfigError> {
-        let kernel = raw.kernel.unwrap_or_else(default_kernel);
+        let kernel = raw.kernel.clone().unwrap_or_else(default_kernel);
         let kernel_format = detect_kernel_format(&kernel)?;
-        let rootfs = raw.rootfs.unwrap_or_else(default_rootfs);
+        let rootfs = raw.rootfs.clone().unwrap_or_else(default_rootfs);
         check_rootfs(&rootfs)?;
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&raw.mem_mib) {
             return Err(ConfigError::Memory(raw.mem_mib));
@@ -171,7 +171,7 @@ impl TryFrom<RawArgs> for VmConfig {
             .ok()
             .filter(|&n| n != 0 && n <= MAX_VCPUS)
             .ok_or(ConfigError::Vcpus(raw.vcpus))?;
-        let append = raw.append.unwrap_or_default();
+        let append = raw.append.clone().unwrap_or_default();
         if append.contains('\0') || append.contains('\n') {
             return Err(ConfigError::Append(
                 append,
@@ -179,77 +179,7 @@ impl TryFrom<RawArgs> for VmConfig {
             ));
         }
 
-        let image = raw.image.clone().unwrap_or_default();
-        let argv = match (raw.cmd, raw.argv.is_empty()) {
-            (Some(_), false) => return Err(ConfigError::CommandTwice),
-            (Some(script), true) => Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]),
-            // as `docker run IMAGE ARGS...`: the arguments replace Cmd and follow the Entrypoint
-            (None, false) => Some(image.entrypoint.iter().cloned().chain(raw.argv).collect()),
-            (None, true) if raw.image.is_some() => {
-                let argv: Vec<String> =
-                    image.entrypoint.iter().chain(&image.cmd).cloned().collect();
-                if argv.is_empty() {
-                    return Err(ConfigError::ImageHasNoCommand);
-                }
-                Some(argv)
-            }
-            (None, true) => None,
-        };
-        let transfers = Transfers {
-            copy_in: raw
-                .copy_in
-                .iter()
-                .map(|s| parse_copy_in(s))
-                .collect::<Result<_, _>>()?,
-            copy_out: raw
-                .copy_out
-                .iter()
-                .map(|s| parse_copy_out(s))
-                .collect::<Result<_, _>>()?,
-        };
-        let command = match argv {
-            None if transfers != Transfers::default() => {
-                return Err(ConfigError::CopyWithoutCommand)
-            }
-            None => None,
-            Some(argv) => {
-                let flag_env = raw
-                    .env
-                    .iter()
-                    .map(|e| parse_env(e))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let workdir = raw
-                    .workdir
-                    .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
-                    .unwrap_or_else(|| "/".to_string());
-                if !workdir.starts_with('/') {
-                    return Err(ConfigError::Workdir(workdir));
-                }
-                let (uid, gid) = match raw.user {
-                    Some(u) => parse_user(&u)?,
-                    None => raw.user_ids.unwrap_or((0, 0)),
-                };
-                let image_env = image
-                    .env
-                    .iter()
-                    .filter_map(|e| e.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()));
-                let env = merge_env(
-                    default_env(uid)
-                        .into_iter()
-                        .chain(image_env)
-                        .chain(flag_env),
-                );
-                Some(CommandSpec {
-                    argv,
-                    env,
-                    workdir,
-                    uid,
-                    gid,
-                    transfers,
-                })
-            }
-        };
+        let command = command_spec(&raw)?;
         let scratch_bytes = raw.scratch.map(|s| parse_size(&s)).transpose()?;
 
         Ok(VmConfig {
@@ -268,6 +198,80 @@ impl TryFrom<RawArgs> for VmConfig {
             allow_slow_host: raw.allow_slow_host,
         })
     }
+}
+
+/// The command to run, if any: `--cmd`, or argv after `--` (following the image's Entrypoint), or the
+/// image's Entrypoint + Cmd; with its environment, working directory, user and copies.
+fn command_spec(raw: &RawArgs) -> Result<Option<CommandSpec>, ConfigError> {
+    let image = raw.image.clone().unwrap_or_default();
+    let argv = match (raw.cmd.clone(), raw.argv.is_empty()) {
+        (Some(_), false) => return Err(ConfigError::CommandTwice),
+        (Some(script), true) => Some(vec!["/bin/sh".to_string(), "-c".to_string(), script]),
+        // as `docker run IMAGE ARGS...`: the arguments replace Cmd and follow the Entrypoint
+        (None, false) => Some(image.entrypoint.iter().chain(&raw.argv).cloned().collect()),
+        (None, true) if raw.image.is_some() => {
+            let argv: Vec<String> = image.entrypoint.iter().chain(&image.cmd).cloned().collect();
+            if argv.is_empty() {
+                return Err(ConfigError::ImageHasNoCommand);
+            }
+            Some(argv)
+        }
+        (None, true) => None,
+    };
+    let transfers = Transfers {
+        copy_in: raw
+            .copy_in
+            .iter()
+            .map(|s| parse_copy_in(s))
+            .collect::<Result<_, _>>()?,
+        copy_out: raw
+            .copy_out
+            .iter()
+            .map(|s| parse_copy_out(s))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(match argv {
+        None if transfers != Transfers::default() => return Err(ConfigError::CopyWithoutCommand),
+        None => None,
+        Some(argv) => {
+            let flag_env = raw
+                .env
+                .iter()
+                .map(|e| parse_env(e))
+                .collect::<Result<Vec<_>, _>>()?;
+            let workdir = raw
+                .workdir
+                .clone()
+                .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+                .unwrap_or_else(|| "/".to_string());
+            if !workdir.starts_with('/') {
+                return Err(ConfigError::Workdir(workdir));
+            }
+            let (uid, gid) = match &raw.user {
+                Some(u) => parse_user(u)?,
+                None => raw.user_ids.unwrap_or((0, 0)),
+            };
+            let image_env = image
+                .env
+                .iter()
+                .filter_map(|e| e.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+            let env = merge_env(
+                default_env(uid)
+                    .into_iter()
+                    .chain(image_env)
+                    .chain(flag_env),
+            );
+            Some(CommandSpec {
+                argv,
+                env,
+                workdir,
+                uid,
+                gid,
+                transfers,
+            })
+        }
+    })
 }
 
 /// Reads the first bytes of the kernel: ELF magic, or the bzImage "HdrS" signature at 0x202.

@@ -216,28 +216,45 @@ fn converse(
     if let Err(e) = writer.send(&Message::Run(request)) {
         return Outcome::Protocol(format!("sending the run request: {e}"));
     }
-    if !transfers.copy_in.is_empty() {
-        let started = Instant::now();
-        for (host_dir, guest_dir) in &transfers.copy_in {
-            match crate::transfer::send_copy_in(host_dir, &mut |m| writer.send(&m)) {
-                Ok(bytes) => lock(state).copy_in_bytes += bytes,
-                Err(e) => {
-                    return Outcome::HostFailed(format!(
-                        "copy-in of {} to {guest_dir}: {e}",
-                        host_dir.display()
-                    ))
-                }
-            }
-        }
-        lock(state).copy_in_span = Some((started, Instant::now()));
+    if let Err(outcome) = send_copies_in(transfers, state, writer) {
+        return outcome;
     }
     start_stdin_pump(stdin, writer.clone());
+    relay(&mut stream, transfers, state)
+}
 
+/// Sends every `--copy-in` stream, in order.
+fn send_copies_in(
+    transfers: &Transfers,
+    state: &Mutex<ControlState>,
+    writer: &ControlWriter,
+) -> Result<(), Outcome> {
+    if transfers.copy_in.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    for (host_dir, guest_dir) in &transfers.copy_in {
+        match crate::transfer::send_copy_in(host_dir, &mut |m| writer.send(&m)) {
+            Ok(bytes) => lock(state).copy_in_bytes += bytes,
+            Err(e) => {
+                return Err(Outcome::HostFailed(format!(
+                    "copy-in of {} to {guest_dir}: {e}",
+                    host_dir.display()
+                )))
+            }
+        }
+    }
+    lock(state).copy_in_span = Some((started, Instant::now()));
+    Ok(())
+}
+
+/// Relays the guest's frames (output, milestones, copy-out streams) until the command's outcome.
+fn relay(stream: &mut UnixStream, transfers: &Transfers, state: &Mutex<ControlState>) -> Outcome {
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let mut copied_out = 0;
     loop {
-        match Message::read_from(&mut stream) {
+        match Message::read_from(stream) {
             Ok(Message::Stdout(data)) => {
                 lock(state).stdout_bytes += data.len() as u64;
                 // A closed stdout (e.g. `vmm ... | head`) must not end the run early: drop the bytes.
@@ -262,7 +279,7 @@ fn converse(
                 copied_out += 1;
                 let started = Instant::now();
                 let received =
-                    crate::transfer::receive_copy_out(first, &mut stream, guest_path, host_dir);
+                    crate::transfer::receive_copy_out(first, stream, guest_path, host_dir);
                 let mut st = lock(state);
                 let first_start = st.copy_out_span.map_or(started, |(s, _)| s);
                 st.copy_out_span = Some((first_start, Instant::now()));

@@ -142,15 +142,8 @@ fn main() -> ExitCode {
             return exit_code(code);
         }
     };
-    let store = || {
-        ImageStore::open(
-            &cli.cache_dir
-                .clone()
-                .unwrap_or_else(|| cache_dir().join("images")),
-        )
-    };
     if let Some(Command::Image(cmd)) = &cli.command {
-        return image_command(cmd, store);
+        return image_command(cmd, || ImageStore::open(&store_dir(&cli)));
     }
     if let Err(e) = vmm::seccomp::configure(cli.seccomp) {
         return fail(&e.to_string());
@@ -167,13 +160,22 @@ fn main() -> ExitCode {
             return fail(&format!("cannot start the --timeout watchdog thread: {e}"));
         }
     }
+    let config = match config_of(cli, timeout) {
+        Ok(config) => config,
+        Err(message) => return fail(&message),
+    };
+    run_vm(&config, signals, start)
+}
+
+/// The run's validated configuration: the image imported (or found in the cache), `--user` or the
+/// image's User resolved in the root image, every flag checked, and the host able to run it.
+fn config_of(cli: Cli, timeout: Option<Duration>) -> Result<VmConfig, String> {
+    let store = store_dir(&cli);
     let (mut rootfs, mut image, mut user_ids) = (cli.rootfs, None, None);
     if let Some(src) = &cli.image {
-        let imported = store().and_then(|s| import_with_progress(&s, src));
-        let imported = match imported {
-            Ok(i) => i,
-            Err(e) => return fail(&e.to_string()),
-        };
+        let imported = ImageStore::open(&store)
+            .and_then(|s| import_with_progress(&s, src))
+            .map_err(|e| e.to_string())?;
         rootfs = Some(imported.rootfs);
         image = Some(imported.config);
     }
@@ -186,10 +188,9 @@ fn main() -> ExitCode {
     });
     if let Some(user) = user.filter(|u| !u.is_empty()) {
         let root = rootfs.clone().unwrap_or_else(vmm::config::default_rootfs);
-        match vmm::image::resolve_user(&root, &user) {
-            Ok(ids) => user_ids = Some(ids),
-            Err(e) => return fail(&format!("--user {user}: {e}")),
-        }
+        let ids =
+            vmm::image::resolve_user(&root, &user).map_err(|e| format!("--user {user}: {e}"))?;
+        user_ids = Some(ids);
     }
     let raw = RawArgs {
         kernel: cli.kernel,
@@ -213,19 +214,22 @@ fn main() -> ExitCode {
         image,
         user_ids,
     };
-    let config = match VmConfig::try_from(raw) {
-        Ok(c) => c,
-        Err(e) => return fail(&e.to_string()),
-    };
+    let config = VmConfig::try_from(raw).map_err(|e| e.to_string())?;
     // With --allow-slow-host the answer would change nothing: do not ask.
     if !config.allow_slow_host && is_pvm_host() {
-        return fail(
+        return Err(
             "this host's /dev/kvm is PVM (kvm_pvm, no VT-x/AMD-V): a standard guest kernel would be \
              interpreted instruction by instruction and take minutes to boot; run vmm on a host with \
              hardware virtualization or inside the emulated test host (tests/testhost/run vmm ...), \
-             or pass --allow-slow-host to go ahead anyway",
+             or pass --allow-slow-host to go ahead anyway"
+                .into(),
         );
     }
+    Ok(config)
+}
+
+/// Runs the VM of `config` and writes its result: vmm's exit status.
+fn run_vm(config: &VmConfig, signals: std::os::fd::OwnedFd, start: Instant) -> ExitCode {
     let mut timeline = Timeline::new(start);
     timeline.mark("arguments parsed");
 
@@ -253,7 +257,7 @@ fn main() -> ExitCode {
         .collect();
     vmm::seccomp::allow_output_dirs(&dirs);
 
-    let result = match runner::run(&config, signals, timeline, trace_out) {
+    let result = match runner::run(config, signals, timeline, trace_out) {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
@@ -322,6 +326,13 @@ fn die_with_parent() {
         eprintln!("vmm: the process that started vmm has exited");
         std::process::exit(EXIT_VMM_FAILED);
     }
+}
+
+/// The image cache: `--cache-dir`, or `images` in vmm's cache directory.
+fn store_dir(cli: &Cli) -> PathBuf {
+    cli.cache_dir
+        .clone()
+        .unwrap_or_else(|| cache_dir().join("images"))
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -23,127 +23,130 @@ pub struct Verdict {
     pub error: Option<String>,
 }
 
+impl Verdict {
+    /// vmm's own failure (125), with its line.
+    fn vmm_failed(end: EndReason, line: String) -> Verdict {
+        Verdict {
+            exit_code: EXIT_VMM_FAILED,
+            status: None,
+            end,
+            error: Some(line),
+        }
+    }
+
+    /// The guest failed before the command's status arrived: 125, `why` both the reason and the line.
+    fn guest_failed(why: String) -> Verdict {
+        Verdict::vmm_failed(EndReason::GuestFailed(why.clone()), why)
+    }
+}
+
 /// Turns what happened into the run's [`Verdict`].
 pub fn conclude(config: &VmConfig, decision: &Decision, control: Option<&ControlState>) -> Verdict {
     let outcome = control.and_then(|c| c.outcome.clone());
-    let (exit_code, status, end, error) = match (decision, outcome) {
+    match (decision, outcome) {
         (Decision::Timeout, _) => {
             let secs = config.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);
-            (
-                EXIT_TIMEOUT,
-                None,
-                EndReason::Timeout,
-                Some(format!(
+            Verdict {
+                exit_code: EXIT_TIMEOUT,
+                status: None,
+                end: EndReason::Timeout,
+                error: Some(format!(
                     "the command timed out after {secs} s; the VM was torn down"
                 )),
-            )
-        }
-        (_, Some(Outcome::Exited(status))) => {
-            let s = match status {
-                ExitStatus::Code(c) => CommandStatus::Code(c),
-                ExitStatus::Signal(n) => CommandStatus::Signal(n),
-            };
-            let copy_errors = control.map(|c| c.copy_out_errors.join("; "));
-            match (exit_code_of(status), copy_errors) {
-                // the command succeeded but its artifacts did not all arrive: not a success
-                (0, Some(errors)) if !errors.is_empty() => (
-                    EXIT_VMM_FAILED,
-                    Some(s),
-                    EndReason::CommandExited,
-                    Some(errors),
-                ),
-                (code, _) => (code, Some(s), EndReason::CommandExited, None),
             }
         }
-        (_, Some(Outcome::HostFailed(message))) => (
-            EXIT_VMM_FAILED,
-            None,
-            EndReason::VmmFailed(message.clone()),
-            Some(message),
-        ),
-        (_, Some(Outcome::Failed(kind, message))) => (
-            exit_code_of_error(kind),
-            None,
-            EndReason::CommandNotRun,
-            Some(message),
-        ),
-        (Decision::BootTimeout, _) => {
-            let why = format!(
-                "the guest never came up: guest-init did not connect within {} s (run with --console to see its kernel log)",
-                BOOT_DEADLINE.as_secs()
-            );
-            (
-                EXIT_VMM_FAILED,
-                None,
-                EndReason::GuestFailed(why.clone()),
-                Some(why),
-            )
+        (_, Some(Outcome::Exited(status))) => command_exited(status, control),
+        (_, Some(Outcome::HostFailed(message))) => {
+            Verdict::vmm_failed(EndReason::VmmFailed(message.clone()), message)
         }
-        (Decision::Signal(sig), _) => (
-            128 + sig,
-            None,
-            EndReason::Signal(*sig),
-            Some(format!("stopped by signal {sig}; the VM was torn down")),
-        ),
-        (_, Some(Outcome::Protocol(message))) => (
-            EXIT_VMM_FAILED,
-            None,
+        (_, Some(Outcome::Failed(kind, message))) => Verdict {
+            exit_code: exit_code_of_error(kind),
+            status: None,
+            end: EndReason::CommandNotRun,
+            error: Some(message),
+        },
+        (Decision::BootTimeout, _) => Verdict::guest_failed(format!(
+            "the guest never came up: guest-init did not connect within {} s (run with --console to see its kernel log)",
+            BOOT_DEADLINE.as_secs()
+        )),
+        (Decision::Signal(sig), _) => Verdict {
+            exit_code: 128 + sig,
+            status: None,
+            end: EndReason::Signal(*sig),
+            error: Some(format!("stopped by signal {sig}; the VM was torn down")),
+        },
+        (_, Some(Outcome::Protocol(message))) => Verdict::vmm_failed(
             EndReason::GuestFailed(message.clone()),
-            Some(format!("the guest broke the control protocol: {message}")),
+            format!("the guest broke the control protocol: {message}"),
         ),
-        (Decision::Guest(GuestEnd::Error(e)), None) => (
-            EXIT_VMM_FAILED,
-            None,
-            EndReason::GuestFailed(e.clone()),
-            Some(format!("the VM failed: {e}")),
-        ),
-        // Boot-only: the guest's own reset (reboot=k, or halt/power-off through our kernel patch) is its
-        // normal end; a triple fault (KVM shutdown exit) is a crash.
-        (Decision::Guest(GuestEnd::Reset), None) if config.command.is_none() => {
-            (0, None, EndReason::GuestEnded, None)
-        }
-        (Decision::Guest(GuestEnd::Shutdown), None) if config.command.is_none() => {
-            let why = "the guest crashed: it triple-faulted or halted unexpectedly (run with --console to see its kernel log)".to_string();
-            (
-                EXIT_VMM_FAILED,
-                None,
-                EndReason::GuestFailed(why.clone()),
-                Some(why),
-            )
-        }
-        (Decision::Guest(end), None) => {
-            let connected = control.is_some_and(|c| c.connected_at.is_some());
-            let how = match end {
-                GuestEnd::Reset => "reset",
-                GuestEnd::Shutdown => "triple-faulted (or halted)",
-                GuestEnd::Error(_) => "failed",
-            };
-            let why = if connected {
-                format!("the guest {how} before reporting the command's exit status")
-            } else {
-                format!("the guest never came up: it {how} before guest-init connected (run with --console to see its kernel log)")
-            };
-            (
-                EXIT_VMM_FAILED,
-                None,
-                EndReason::GuestFailed(why.clone()),
-                Some(why),
-            )
-        }
+        (Decision::Guest(end), None) => guest_ended(config, end, control),
         (Decision::Command, None) => {
-            let why = "the control channel ended without an outcome".to_string();
-            (
-                EXIT_VMM_FAILED,
-                None,
-                EndReason::GuestFailed(why.clone()),
-                Some(why),
+            Verdict::guest_failed("the control channel ended without an outcome".into())
+        }
+    }
+}
+
+/// The command reported its status: it is vmm's, unless a successful command's artifacts did not
+/// all arrive.
+fn command_exited(status: ExitStatus, control: Option<&ControlState>) -> Verdict {
+    let command_status = match status {
+        ExitStatus::Code(c) => CommandStatus::Code(c),
+        ExitStatus::Signal(n) => CommandStatus::Signal(n),
+    };
+    let copy_errors = control
+        .map(|c| c.copy_out_errors.join("; "))
+        .filter(|e| !e.is_empty());
+    match (exit_code_of(status), copy_errors) {
+        (0, Some(errors)) => Verdict {
+            exit_code: EXIT_VMM_FAILED,
+            status: Some(command_status),
+            end: EndReason::CommandExited,
+            error: Some(errors),
+        },
+        (code, _) => Verdict {
+            exit_code: code,
+            status: Some(command_status),
+            end: EndReason::CommandExited,
+            error: None,
+        },
+    }
+}
+
+/// The guest ended without the command's status.
+fn guest_ended(config: &VmConfig, end: &GuestEnd, control: Option<&ControlState>) -> Verdict {
+    match end {
+        GuestEnd::Error(e) => {
+            return Verdict::vmm_failed(
+                EndReason::GuestFailed(e.clone()),
+                format!("the VM failed: {e}"),
             )
         }
-    };
-    Verdict {
-        exit_code,
-        status,
-        end,
-        error,
+        // Boot-only: the guest's own reset (reboot=k, or halt/power-off through our kernel patch) is
+        // its normal end; a triple fault (KVM shutdown exit) is a crash.
+        GuestEnd::Reset if config.command.is_none() => {
+            return Verdict {
+                exit_code: 0,
+                status: None,
+                end: EndReason::GuestEnded,
+                error: None,
+            }
+        }
+        GuestEnd::Shutdown if config.command.is_none() => {
+            return Verdict::guest_failed(
+                "the guest crashed: it triple-faulted or halted unexpectedly (run with --console to see its kernel log)".into(),
+            )
+        }
+        _ => {}
     }
+    let connected = control.is_some_and(|c| c.connected_at.is_some());
+    let how = match end {
+        GuestEnd::Reset => "reset",
+        GuestEnd::Shutdown => "triple-faulted (or halted)",
+        GuestEnd::Error(_) => "failed",
+    };
+    Verdict::guest_failed(if connected {
+        format!("the guest {how} before reporting the command's exit status")
+    } else {
+        format!("the guest never came up: it {how} before guest-init connected (run with --console to see its kernel log)")
+    })
 }

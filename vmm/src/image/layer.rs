@@ -386,10 +386,6 @@ impl Extractor {
         } else {
             size
         };
-        let mode = header.mode().map_err(bad_header)? & 0o7777;
-        let uid = header.uid().map_err(bad_header)?;
-        let gid = header.gid().map_err(bad_header)?;
-        let mtime = header.mtime().map_err(bad_header)?;
         let link = entry.link_name_bytes().map(|l| l.into_owned());
 
         if let Some(len) = known_len {
@@ -408,33 +404,7 @@ impl Extractor {
         // the entry's data, and nothing more, may be read now
         budget.allow(on_archive);
 
-        let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
-            return Err(self.bad(format!(
-                "{label}: entry `{}` has an owner out of range ({uid}:{gid})",
-                String::from_utf8_lossy(&raw_path)
-            )));
-        };
-        let mut meta = EntryMeta {
-            mode,
-            uid,
-            gid,
-            mtime: (i64::try_from(mtime).unwrap_or(i64::MAX), 0),
-            xattrs: Vec::new(),
-        };
-        if let Some(exts) = entry.pax_extensions().map_err(bad_header)? {
-            for ext in exts {
-                let ext = ext.map_err(bad_header)?;
-                let Ok(key) = ext.key() else { continue };
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    meta.xattrs
-                        .push((name.to_string(), ext.value_bytes().to_vec()));
-                } else if key == "mtime" {
-                    if let Some(t) = parse_pax_time(ext.value_bytes()) {
-                        meta.mtime = t;
-                    }
-                }
-            }
-        }
+        let mut meta = self.entry_meta(&mut entry, label, &raw_path)?;
 
         if kind == tar::EntryType::XGlobalHeader {
             // PAX global records: nothing to apply (GNU tar names them /tmp/GlobalHead.*)
@@ -448,23 +418,7 @@ impl Extractor {
         }
 
         self.count_entry(label)?;
-        if let Some(allowed) = &self.copy_out_name {
-            let first = rel.components().next().map(|c| c.as_os_str());
-            // the root entry itself (`./`) carries nothing and is ignored below
-            if first.is_some_and(|f| f != allowed.as_os_str()) {
-                let why = format!(
-                    "is not under `{}`, the name of the path asked for",
-                    allowed.to_string_lossy()
-                );
-                return Err(self.unsafe_path(layer, &raw_path, why));
-            }
-            meta.mode &= if kind == tar::EntryType::Directory {
-                0o1777
-            } else {
-                0o777
-            };
-            meta.xattrs.retain(|(name, _)| name.starts_with("user."));
-        }
+        self.restrict_copy_out(&rel, kind, &mut meta, &raw_path, layer)?;
 
         if let Some(name) = rel.file_name().filter(|_| self.whiteouts) {
             if name.as_bytes().starts_with(b".wh.") {
@@ -494,6 +448,83 @@ impl Extractor {
         }
         drain(&mut entry, &mut self.buf)
             .map_err(|e| self.read_error(label, &raw_path, e, budget))?;
+        Ok(())
+    }
+
+    /// Mode, owner, time and extended attributes of `entry` (PAX records included).
+    fn entry_meta<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, Metered<R>>,
+        label: &str,
+        raw_path: &[u8],
+    ) -> Result<EntryMeta, ImageError> {
+        let bad_header = |e: io::Error| ImageError::BadImage {
+            src: self.src.clone(),
+            why: format!("{label}: damaged tar header: {e}"),
+        };
+        let header = entry.header();
+        let mode = header.mode().map_err(bad_header)? & 0o7777;
+        let uid = header.uid().map_err(bad_header)?;
+        let gid = header.gid().map_err(bad_header)?;
+        let mtime = header.mtime().map_err(bad_header)?;
+        let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
+            return Err(self.bad(format!(
+                "{label}: entry `{}` has an owner out of range ({uid}:{gid})",
+                String::from_utf8_lossy(raw_path)
+            )));
+        };
+        let mut meta = EntryMeta {
+            mode,
+            uid,
+            gid,
+            mtime: (i64::try_from(mtime).unwrap_or(i64::MAX), 0),
+            xattrs: Vec::new(),
+        };
+        if let Some(exts) = entry.pax_extensions().map_err(bad_header)? {
+            for ext in exts {
+                let ext = ext.map_err(bad_header)?;
+                let Ok(key) = ext.key() else { continue };
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    meta.xattrs
+                        .push((name.to_string(), ext.value_bytes().to_vec()));
+                } else if key == "mtime" {
+                    if let Some(t) = parse_pax_time(ext.value_bytes()) {
+                        meta.mtime = t;
+                    }
+                }
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Copy-out: the entry must lie under the name asked for, and keeps no setuid or setgid bit and
+    /// no extended attribute but `user.*`.
+    fn restrict_copy_out(
+        &self,
+        rel: &Path,
+        kind: tar::EntryType,
+        meta: &mut EntryMeta,
+        raw_path: &[u8],
+        layer: &LayerState,
+    ) -> Result<(), ImageError> {
+        let Some(allowed) = &self.copy_out_name else {
+            return Ok(());
+        };
+        let first = rel.components().next().map(|c| c.as_os_str());
+        // the root entry itself (`./`) carries nothing and is ignored
+        if first.is_some_and(|f| f != allowed.as_os_str()) {
+            let why = format!(
+                "is not under `{}`, the name of the path asked for",
+                allowed.to_string_lossy()
+            );
+            return Err(self.unsafe_path(layer, raw_path, why));
+        }
+        meta.mode &= if kind == tar::EntryType::Directory {
+            0o1777
+        } else {
+            0o777
+        };
+        meta.xattrs.retain(|(name, _)| name.starts_with("user."));
         Ok(())
     }
 
