@@ -221,7 +221,7 @@ fn scratch_disk(size: u64) -> Result<File, BuildError> {
         .map_err(|e| fail("cannot size", e))
         .and_then(|_| {
             // No journal: the disk dies with the VM, so there is nothing to recover after a crash.
-            let out = crate::host_tool::command("mkfs.ext4")
+            let out = vmm_rootfs::host_tool::command("mkfs.ext4")
                 .args([
                     "-q",
                     "-F",

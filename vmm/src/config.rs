@@ -131,7 +131,7 @@ pub struct RawArgs {
     pub allow_slow_host: bool,
     /// The config of the container image the rootfs came from (`--image`): its Env, WorkingDir,
     /// Entrypoint and Cmd apply as `docker run` applies them, flags override.
-    pub image: Option<crate::image::ImageConfig>,
+    pub image: Option<vmm_rootfs::ImageConfig>,
     /// --user or the image's User, already resolved to numbers against the root image's /etc files.
     pub user_ids: Option<(u32, u32)>,
 }
@@ -665,7 +665,7 @@ mod tests {
 
     #[test]
     fn image_config_applies_as_docker_run_does_and_flags_override() {
-        let image = crate::image::ImageConfig {
+        let image = vmm_rootfs::ImageConfig {
             env: vec!["PATH=/opt/bin:/bin".into(), "LANG=C".into(), "junk".into()],
             working_dir: Some("/src".into()),
             user: Some("builder".into()),

@@ -48,6 +48,8 @@ pub struct ControlState {
     pub copy_out_span: Option<(Instant, Instant)>,
     /// One line per copy-out that failed (the run goes on).
     pub copy_out_errors: Vec<String>,
+    /// How far Landlock keeps this thread to the copy directories.
+    pub confinement: Option<crate::copy_sandbox::Confinement>,
 }
 
 impl ControlState {
@@ -194,8 +196,9 @@ fn converse(
     // Confined and filtered before the first byte from the guest is read; not earlier, because
     // installing a filter takes a few hundred microseconds on some hosts, which would compete with the
     // vCPU's way into the guest, and until now this thread has only waited.
-    if let Err(e) = confine_to_copies(transfers) {
-        return Outcome::HostFailed(e.to_string());
+    match confine_to_copies(transfers) {
+        Ok(confinement) => lock(state).confinement = Some(confinement),
+        Err(e) => return Outcome::HostFailed(e.to_string()),
     }
     crate::seccomp::apply_or_exit(crate::seccomp::Thread::Control);
     lock(state).connected_at = Some(Instant::now());

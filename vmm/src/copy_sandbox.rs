@@ -22,7 +22,8 @@ const ABI_WANTED: ABI = ABI::V5;
 pub struct SandboxError(#[from] landlock::RulesetError);
 
 /// How far the calling thread was confined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Confinement {
     /// every file-system right is checked
     Full,

@@ -12,8 +12,6 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit_code;
 pub mod guest_ram;
-pub mod host_tool;
-pub mod image;
 pub mod initramfs;
 pub mod kernel_file;
 pub mod lifecycle;

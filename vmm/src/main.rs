@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use vmm::config::{cache_dir, is_pvm_host, RawArgs, VmConfig};
 use vmm::exit_code::EXIT_VMM_FAILED;
-use vmm::image::{Image, ImageError, ImageStore};
 use vmm::output_file::OutputFile;
 use vmm::runner;
 use vmm::seccomp::Mode;
 use vmm::timeline::Timeline;
+use vmm_rootfs::{Image, ImageError, ImageStore};
 
 /// Run a command in a fresh microVM and exit with its status.
 ///
@@ -184,12 +184,12 @@ fn config_of(cli: Cli, timeout: Option<Duration>) -> Result<VmConfig, String> {
     let user = cli.user.clone().or_else(|| {
         image
             .as_ref()
-            .and_then(|i: &vmm::image::ImageConfig| i.user.clone())
+            .and_then(|i: &vmm_rootfs::ImageConfig| i.user.clone())
     });
     if let Some(user) = user.filter(|u| !u.is_empty()) {
         let root = rootfs.clone().unwrap_or_else(vmm::config::default_rootfs);
         let ids =
-            vmm::image::resolve_user(&root, &user).map_err(|e| format!("--user {user}: {e}"))?;
+            vmm_rootfs::resolve_user(&root, &user).map_err(|e| format!("--user {user}: {e}"))?;
         user_ids = Some(ids);
     }
     let raw = RawArgs {

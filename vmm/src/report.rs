@@ -77,6 +77,7 @@ pub fn report(
         copy_in_bytes: state.copy_in_bytes,
         copy_out_bytes: state.copy_out_bytes,
         copy_out_errors: state.copy_out_errors.clone(),
+        copies_confined: state.confinement,
         block_bytes_read: counter("virtio-blk", "bytes_read"),
         vsock_bytes_to_host: counter("virtio-vsock", "bytes_to_host"),
         vsock_bytes_to_guest: counter("virtio-vsock", "bytes_to_guest"),

@@ -44,6 +44,9 @@ pub struct RunResult {
     pub copy_out_bytes: u64,
     /// One line per `--copy-out` that did not arrive.
     pub copy_out_errors: Vec<String>,
+    /// How far Landlock kept the thread that copies to the copy directories: "full", "partial" (an
+    /// older Landlock) or "none" (no Landlock in this kernel); absent without a command.
+    pub copies_confined: Option<crate::copy_sandbox::Confinement>,
     pub block_bytes_read: u64,
     pub vsock_bytes_to_host: u64,
     pub vsock_bytes_to_guest: u64,

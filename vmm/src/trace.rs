@@ -158,6 +158,7 @@ mod tests {
             copy_in_bytes: 0,
             copy_out_bytes: 0,
             copy_out_errors: Vec::new(),
+            copies_confined: None,
             block_bytes_read: 3,
             vsock_bytes_to_host: 4,
             vsock_bytes_to_guest: 5,

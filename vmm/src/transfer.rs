@@ -2,7 +2,7 @@
 //! guest-init unpacks, and unpacking a guest's copy-out stream into a host directory.
 //!
 //! A copy-out stream comes from the guest and is hostile. It is unpacked by the image importer's
-//! extractor (`image::layer`), which never writes through a symbolic link or outside the target, bounds
+//! extractor (`vmm_rootfs::layer`), which never writes through a symbolic link or outside the target, bounds
 //! sizes and metadata, and refuses absolute and `..` paths; here it runs without whiteouts and without
 //! changing owners (files belong to the user running vmm). A refused stream is reported and the rest
 //! of it is read and dropped, so the conversation goes on.
@@ -14,8 +14,8 @@ use vmm_protocol::chunks::{ChunkReader, ChunkSource, ChunkWriter};
 use vmm_protocol::tree;
 use vmm_protocol::{Message, ReadError};
 
-use crate::image::layer::{Extractor, MAX_TOTAL_BYTES};
-use crate::image::ImageError;
+use vmm_rootfs::layer::{Extractor, MAX_TOTAL_BYTES};
+use vmm_rootfs::ImageError;
 
 /// Why a copy-out could not be received.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,7 +97,7 @@ fn unpack(input: &mut impl Read, guest_path: &str, host_dir: &Path) -> Result<u6
     ex.apply_layer(input, None, "the guest's stream")
         .map_err(describe)?;
     ex.finish(&mut |_| {}).map_err(describe)?;
-    Ok(ex.bytes)
+    Ok(ex.bytes())
 }
 
 /// An extractor's error, in the words of a copy rather than of an image import.

@@ -1,4 +1,5 @@
-//! Container images as build environments: import and cache.
+//! Container images as build environments: import and cache. A crate of its own (no KVM in it):
+//! `vmm --image` uses the importer, and vmm's `--copy-out` uses its path-safe extractor (`layer`).
 //!
 //! [`ImageStore::import`] turns an OCI image layout, a `docker save` tarball, a plain root file system
 //! tarball or a plain directory into an ext4 image (made with `mkfs.ext4 -d`, no root or mount needed)
@@ -25,7 +26,8 @@
 
 mod error;
 mod ext4;
-pub(crate) mod layer;
+pub mod host_tool;
+pub mod layer;
 mod source;
 mod tree;
 mod user;

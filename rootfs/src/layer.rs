@@ -26,7 +26,7 @@ use super::error::{ImageError, IoContext};
 use super::util::mib;
 
 /// What the layers of one image may unpack to, at most.
-pub(crate) const MAX_TOTAL_BYTES: u64 = 64 << 30;
+pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
 /// Tar metadata (padding, headers, PAX records, GNU long names) allowed between two entries.
 const MAX_METADATA_BYTES: u64 = 4 << 20;
 /// Room kept free on the cache's file system.
@@ -206,7 +206,7 @@ impl LayerState<'_> {
 }
 
 /// Unpacks layers, in order, into a staging root.
-pub(crate) struct Extractor {
+pub struct Extractor {
     root: PathBuf,
     src: String,
     max_total: u64,
@@ -240,7 +240,7 @@ pub(crate) struct Extractor {
 impl Extractor {
     /// An extractor into `root` (an existing, empty, private directory); `src` names the image in
     /// errors.
-    pub(crate) fn new(root: &Path, src: &str, max_total: u64) -> Result<Self, ImageError> {
+    pub fn new(root: &Path, src: &str, max_total: u64) -> Result<Self, ImageError> {
         let vfs = rustix::fs::statvfs(root)
             .map_err(io::Error::from)
             .ctx(|| format!("checking the free space in {}", root.display()))?;
@@ -274,11 +274,7 @@ impl Extractor {
     /// path's own name, no whiteouts, files belong to the user running vmm and lose their setuid and
     /// setgid bits and every extended attribute but `user.*`, the root directory's own entry is
     /// ignored, and the whole free space (less a reserve) may be used.
-    pub(crate) fn for_copy_out(
-        root: &Path,
-        guest_path: &str,
-        max_total: u64,
-    ) -> Result<Self, ImageError> {
+    pub fn for_copy_out(root: &Path, guest_path: &str, max_total: u64) -> Result<Self, ImageError> {
         let name = Path::new(guest_path)
             .file_name()
             .ok_or_else(|| ImageError::BadImage {
@@ -303,10 +299,15 @@ impl Extractor {
         self.space_budget = space_budget;
     }
 
+    /// Bytes of file data unpacked so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Applies one layer read from `input` (an uncompressed tar stream; `known_len` its length when
     /// known, to refuse entries that claim more than is left). Gives `input` back, positioned after the
     /// tar's end, so that the caller can read the rest for hashing.
-    pub(crate) fn apply_layer<R: Read>(
+    pub fn apply_layer<R: Read>(
         &mut self,
         input: R,
         known_len: Option<u64>,
@@ -1019,7 +1020,7 @@ impl Extractor {
     }
 
     /// Applies the directories' modes and times, and tells what was left out.
-    pub(crate) fn finish(&mut self, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+    pub fn finish(&mut self, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
         let mut dirs: Vec<(PathBuf, DirMeta)> = self.dirs.drain().collect();
         // deepest first: a parent's restrictive mode must not stop us from reaching its children
         dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
