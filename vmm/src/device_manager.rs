@@ -43,7 +43,7 @@ pub enum DeviceError {
 }
 
 /// Where a virtio device is: what the guest sees of it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// e.g. "virtio-blk", "virtio-vsock", "virtio-blk scratch"
     pub name: String,
@@ -55,9 +55,16 @@ pub struct DeviceInfo {
 /// A device's statistics at the end of the run: where it was and what it counted.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeviceReport {
-    #[serde(flatten)]
-    pub info: DeviceInfo,
-    pub counters: std::collections::BTreeMap<&'static str, u64>,
+    pub name: String,
+    pub mmio_base: u64,
+    pub irq: u32,
+    /// by name, in the device's order (a JSON object)
+    #[serde(serialize_with = "as_map")]
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+fn as_map<S: serde::Serializer>(pairs: &[(&'static str, u64)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 /// Every device the guest can reach, by MMIO window or port range.
@@ -101,13 +108,10 @@ impl DeviceRegistry {
             .iter()
             .zip(&self.virtio)
             .map(|(info, device)| DeviceReport {
-                info: info.clone(),
-                counters: device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .counters()
-                    .into_iter()
-                    .collect(),
+                name: info.name.clone(),
+                mmio_base: info.mmio_base,
+                irq: info.irq,
+                counters: device.lock().unwrap_or_else(|p| p.into_inner()).counters(),
             })
             .collect()
     }

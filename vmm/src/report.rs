@@ -47,9 +47,9 @@ pub fn report(
     let counter = |device: &str, name: &str| {
         devices
             .iter()
-            .find(|d| d.info.name == device)
-            .and_then(|d| d.counters.get(name).copied())
-            .unwrap_or(0)
+            .find(|d| d.name == device)
+            .and_then(|d| d.counters.iter().find(|(n, _)| *n == name))
+            .map_or(0, |(_, value)| *value)
     };
     let timings = Timings {
         setup: first_run.map(|t| ms(t - start)).unwrap_or(0.0),
