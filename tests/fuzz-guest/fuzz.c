@@ -157,6 +157,11 @@ static u64 budget = 2000;
 static int cmd_mode;
 static u32 settle_spins = 20000;
 static u32 op_mask = 0x1ff;     /* which kinds of operation run (fuzz.mask) */
+static u64 op_index;
+static int control_requested, control_established, hello_sent;
+
+/* with --cmd, the vsock device is left alone until the last tenth of the budget (see vsock_control_tx) */
+static int vsock_protected(void) { return cmd_mode && op_index < budget - budget / 10; }
 
 struct hvm_start_info {
     u32 magic, version, flags, nr_modules;
@@ -322,7 +327,7 @@ static void configure_queue(struct device *d, int di, int qi, enum setup_fault f
     u32 max = reg_read(d, R_QUEUE_NUM_MAX);
     d->max_size = max;
     u32 size = max ? max : 256;
-    if (chance(30))
+    if (chance(30) && !(d->id == ID_VSOCK && vsock_protected()))
         size = 1u << below(9);                      /* smaller queues wrap sooner */
     if (size > max && max)
         size = max;
@@ -451,9 +456,15 @@ enum chain_fault {
     CHAIN_FAULTS
 };
 
+static int vsock_protected(void);
+
 static enum chain_fault pick_chain_fault(void)
 {
-    return chance(45) ? CHAIN_OK : (enum chain_fault)(1 + below(CHAIN_FAULTS - 1));
+    enum chain_fault fault = chance(45) ? CHAIN_OK : (enum chain_fault)(1 + below(CHAIN_FAULTS - 1));
+    /* faults that leave the vsock queues stuck would end the protected control conversation */
+    if (vsock_protected() && (fault == CHAIN_AVAIL_JUMP || fault == CHAIN_BAD_HEAD))
+        fault = CHAIN_LOOP;
+    return fault;
 }
 
 static void put_desc(u64 table, u32 index, struct desc d)
@@ -496,7 +507,42 @@ static u64 indirect_table(const struct seg *segs, int n, enum chain_fault fault,
 static void notify(struct device *d, u32 qi) { reg_write(d, R_QUEUE_NOTIFY, qi); }
 
 /* Puts segs on queue qi as one chain (with fault), publishes it and, unless told not to, kicks. */
+static void submit_chain(struct device *d, u32 qi, struct seg *segs, int n, enum chain_fault fault, int kick);
+
+/*
+ * Whether queue qi has room for one more chain, after waiting a little for the device to catch up. A
+ * driver never makes more chains available than the ring holds; a guest that does (CHAIN_AVAIL_JUMP)
+ * finds the queue stuck afterwards, and the device is then set up again.
+ */
+static int has_room(struct device *d, u32 qi)
+{
+    struct queue *q = &d->q[qi];
+    if (!ram_range_ok(q->used, 4))
+        return 1;
+    volatile u16 *used_idx = (volatile u16 *)(q->used + 2);
+    u32 patience = d->id == ID_VSOCK && vsock_protected() ? 10 * settle_spins : settle_spins / 4;
+    for (u32 i = 0; (u16)(q->avail_idx - *used_idx) >= q->size && i < patience; i++)
+        cpu_relax();
+    return (u16)(q->avail_idx - *used_idx) < q->size;
+}
+
+/*
+ * Puts segs on queue qi as one chain (with fault), publishes it and, unless told not to, kicks. Takes one
+ * number from the seeded sequence whatever it does, so that what comes after does not depend on how
+ * fast the device was.
+ */
 static void submit(struct device *d, u32 qi, struct seg *segs, int n, enum chain_fault fault, int kick)
+{
+    u64 own = rnd() | 1, outer = rng_state;
+    rng_state = own;
+    if (fault == CHAIN_AVAIL_JUMP || has_room(d, qi))
+        submit_chain(d, qi, segs, n, fault, kick);
+    else if (!(d->id == ID_VSOCK && vsock_protected()))
+        d->live = 0; /* stuck: set it up again next time */
+    rng_state = outer;
+}
+
+static void submit_chain(struct device *d, u32 qi, struct seg *segs, int n, enum chain_fault fault, int kick)
 {
     struct queue *q = &d->q[qi];
     if (n <= 0 || q->size == 0 || !ram_range_ok(q->desc, 16 * (u64)q->size) ||
@@ -644,23 +690,38 @@ struct vsock_hdr {
 
 static u32 fwd_cnt[8];      /* what this guest claims to have consumed, per local port */
 
+/*
+ * With --cmd (fuzz.cmd=1) vmm's control thread takes the connection to port 1024 and ends the run at the
+ * first thing wrong with it: a reset of the connection or of the vsock device, a malformed frame. So
+ * that the run goes on long enough to reach everything else, local port 50000 then carries a well-formed
+ * guest-init conversation (REQUEST, Hello, frames), and the vsock device is only disturbed (reset,
+ * status chaos, register storms, faulty set-ups) in the last tenth of the budget. Until then the other
+ * ports, the block device and the rest get the chaos; a rare bad frame still ends some runs early.
+ */
+
 /* A guest-init frame (protocol/src/lib.rs) for the control connection. Returns its length. */
 static u32 control_frame(u8 *p, u32 room)
 {
     u32 len = 0, type;
-    int bad = !cmd_mode || chance(2);   /* the host ends the run at the first frame it refuses */
-    switch (bad ? 5 + below(4) : below(5)) {
-    case 0: type = 1; len = 4; *(u32 *)(p + 5) = 2; break;             /* Hello, version 2 */
+    int bad = !cmd_mode || below(500) == 0;   /* the host ends the run at the first frame it refuses */
+    switch (bad ? 5 + below(5) : 1 + below(4)) {
     case 1: type = 2; len = 9; p[5] = (u8)(1 + below(5)); *(u64 *)(p + 6) = rnd(); break;  /* Milestone */
     case 2:                                                              /* Stdout */
     case 3: type = 7; len = below(room - 5 < 2048 ? room - 5 : 2048);
         for (u32 i = 0; i < len; i++)
             p[5 + i] = (u8)('a' + below(26));
         break;
-    case 4: type = below(50) ? 1 : 9; len = 4; *(u32 *)(p + 5) = 2; break; /* Hello again, rarely Exit(0) */
+    case 4:                                                              /* Milestone, rarely Exit(0) */
+        if (below(500)) {
+            type = 2; len = 9; p[5] = (u8)(1 + below(5)); *(u64 *)(p + 6) = rnd();
+        } else {
+            type = 9; len = 4; *(u32 *)(p + 5) = 0;  /* the run ends with status 0 */
+        }
+        break;
     case 5: type = 1; len = 3; p[5] = 2; break;                          /* Hello too short */
     case 6: type = 0x11 + below(0xe0); len = below(16); break;           /* unknown type */
     case 7: type = 1; len = 0x100001 + below(0x1000); break;             /* over MAX_PAYLOAD */
+    case 8: type = 1; len = 4; *(u32 *)(p + 5) = 2; break;             /* a second Hello */
     default: type = 2; len = 1; p[5] = 0xee; break;                      /* Milestone cut short */
     }
     *(u32 *)p = len;
@@ -669,10 +730,96 @@ static u32 control_frame(u8 *p, u32 room)
     return total > room ? room : total;
 }
 
+static void vsock_rx_buffers(int di, u32 count);
+
+/*
+ * Offers rx buffers until the device answers the control REQUEST: RESPONSE (established: data may flow)
+ * or RST. Data sent before the RESPONSE has been delivered resets the connection, as it should.
+ */
+static u16 rx_used_idx(struct device *d)
+{
+    return ram_range_ok(d->q[0].used, 4) ? *(volatile u16 *)(d->q[0].used + 2) : 0;
+}
+
+/* seen: the rx used index before the REQUEST was sent */
+static int vsock_await_response(int di, u16 seen)
+{
+    struct device *d = &devs[di];
+    struct queue *q = &d->q[0];
+    if (!ram_range_ok(q->used, 6 + 8 * (u64)q->size) || !ram_range_ok(q->desc, 16 * (u64)q->size))
+        return 0;
+    volatile u16 *used_idx = (volatile u16 *)(q->used + 2);
+    volatile struct desc *table = (volatile struct desc *)q->desc;
+    u64 rng_saved = rng_state;  /* how many rounds this takes depends on timing: the seed's path must not */
+    int answer = 0;
+    for (int round = 0; round < 16 && !answer; round++) {
+        vsock_rx_buffers(di, 4);
+        for (u32 spin = 0; spin < 200000; spin++) {
+            while (seen != *used_idx) {
+                u32 id = *(volatile u32 *)(q->used + 4 + 8 * (u64)(seen % q->size));
+                seen++;
+                if (id >= q->size || !ram_range_ok(table[id].addr, VSOCK_HDR))
+                    continue;
+                volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)table[id].addr;
+                if (h->dst_port == 50000 && h->src_port == CONTROL_PORT && h->op == OP_RESPONSE)
+                    answer = 1;
+                if (h->dst_port == 50000 && h->src_port == CONTROL_PORT && h->op == OP_RST)
+                    answer = -1;
+            }
+            if (answer)
+                break;
+            cpu_relax();
+        }
+    }
+    rng_state = rng_saved;
+    return answer == 1;
+}
+
+/* The next packet of the control conversation (fuzz.cmd=1), always well formed. */
+static void vsock_control_tx(int di)
+{
+    struct device *d = &devs[di];
+    u64 hdr_addr = arena_addr(VSOCK_HDR + 4096, 8);
+    struct vsock_hdr *h = (struct vsock_hdr *)hdr_addr;
+    u8 *payload = (u8 *)(hdr_addr + VSOCK_HDR);
+    /* fwd_cnt stays 0: the host's Run frame is far smaller than the buffer space this announces */
+    *h = (struct vsock_hdr){d->guest_cid, 2, 50000, CONTROL_PORT, 0, 1, OP_RW, 0, 256 * 1024, 0};
+    if (!control_requested) {
+        h->op = OP_REQUEST;
+        control_requested = 1;
+        struct seg seg = {hdr_addr, VSOCK_HDR, 0};
+        u16 seen = rx_used_idx(d);
+        submit(d, 1, &seg, 1, CHAIN_OK, 1);
+        control_established = vsock_await_response(di, seen);
+        return;
+    } else if (!control_established) {
+        return; /* refused, or never answered: the control thread waits for a Hello that never comes */
+    } else if (!hello_sent) {
+        *(u32 *)payload = 4;
+        payload[4] = 1;
+        *(u32 *)(payload + 5) = 2;
+        h->len = 9;
+        hello_sent = 1;
+    } else if (chance(10)) {
+        h->op = chance(50) ? OP_CREDIT_UPDATE : OP_CREDIT_REQUEST;
+    } else {
+        h->len = control_frame(payload, 4096);
+    }
+    struct seg seg = {hdr_addr, VSOCK_HDR + h->len, 0};
+    submit(d, 1, &seg, 1, CHAIN_OK, 1);
+}
+
 static void vsock_tx(int di)
 {
     struct device *d = &devs[di];
     u32 port_index = below(chance(90) ? 4 : 8);
+    /* the control thread talks to the first connection to port 1024: it must be ours */
+    if (cmd_mode && (port_index == 0 || !control_requested)) {
+        if (vsock_protected() || chance(80) || !control_requested) {
+            vsock_control_tx(di);
+            return;
+        }
+    }
     u64 hdr_addr = arena_addr(VSOCK_HDR + 4096, 8);
     struct vsock_hdr *h = (struct vsock_hdr *)hdr_addr;
     u8 *payload = (u8 *)(hdr_addr + VSOCK_HDR);
@@ -723,7 +870,7 @@ static void vsock_rx_buffers(int di, u32 count)
     for (u32 i = 0; i < count; i++) {
         struct seg segs[4];
         int n = 1;
-        switch (below(6)) {
+        switch (vsock_protected() ? 5 : below(6)) {
         case 0: segs[0] = (struct seg){arena_addr(16, 8), 1 + below(VSOCK_HDR), 1}; break;  /* too small */
         case 1: segs[0] = (struct seg){arena_addr(VSOCK_HDR, 8), VSOCK_HDR, 1}; break;      /* no payload room */
         case 2:
@@ -733,7 +880,7 @@ static void vsock_rx_buffers(int di, u32 count)
             break;
         default: segs[0] = (struct seg){arena_addr(4096, 8), 4096, 1}; break;
         }
-        submit(d, 0, segs, n, chance(70) ? CHAIN_OK : pick_chain_fault(), i + 1 == count);
+        submit(d, 0, segs, n, chance(70) || vsock_protected() ? CHAIN_OK : pick_chain_fault(), i + 1 == count);
     }
 }
 
@@ -750,10 +897,23 @@ static int pick_device(u32 id)
     return -1;
 }
 
+/* a device to disturb: any, or only the block device while the control connection is protected */
+static int pick_victim(void)
+{
+    int di = pick_device(0);
+    if (vsock_protected() && devs[di].id == ID_VSOCK) {
+        int blk = pick_device(ID_BLOCK);
+        if (blk >= 0)
+            di = blk;
+    }
+    return di;
+}
+
 static void ensure_live(int di)
 {
-    if (!devs[di].live || chance(3))
-        setup_device(di, chance(75) ? SETUP_OK : (enum setup_fault)(1 + below(SETUP_FAULTS - 1)));
+    int keep = vsock_protected() && devs[di].id == ID_VSOCK;
+    if (!devs[di].live || (chance(3) && !keep))
+        setup_device(di, chance(75) || keep ? SETUP_OK : (enum setup_fault)(1 + below(SETUP_FAULTS - 1)));
 }
 
 static void op_block(void)
@@ -786,7 +946,7 @@ static void op_vsock(void)
 /* a device reset while requests are in flight, then maybe more requests on the dead queues */
 static void op_reset_mid_flight(void)
 {
-    int di = pick_device(0);
+    int di = pick_victim();
     ensure_live(di);
     struct device *d = &devs[di];
     if (d->id == ID_BLOCK)
@@ -809,7 +969,7 @@ static void op_reset_mid_flight(void)
 /* every width at every offset of the register block and some of the config space, reads and writes */
 static void op_register_storm(void)
 {
-    struct device *d = &devs[pick_device(0)];
+    struct device *d = &devs[pick_victim()];
     for (u32 i = 0, n = 8 + below(64); i < n; i++) {
         u32 off = chance(80) ? below(0x110) : below(0x1000);
         int w = width_any();
@@ -823,7 +983,7 @@ static void op_register_storm(void)
 
 static void op_config_sweep(void)
 {
-    struct device *d = &devs[pick_device(0)];
+    struct device *d = &devs[pick_victim()];
     if (chance(50))
         reg_write(d, R_STATUS, S_ACK | S_DRIVER);   /* config writes count only from DRIVER on */
     u32 end = chance(80) ? 0x40 : 0xf00;
@@ -838,7 +998,7 @@ static void op_config_sweep(void)
 
 static void op_status_chaos(void)
 {
-    struct device *d = &devs[pick_device(0)];
+    struct device *d = &devs[pick_victim()];
     static const u32 steps[] = {S_ACK, S_DRIVER, S_FEATURES_OK, S_DRIVER_OK, 0x40, 0x80, 0};
     u32 s = 0;
     for (u32 i = 0, n = 1 + below(8); i < n; i++) {
@@ -924,12 +1084,12 @@ void fuzz_main(void)
     probe_devices();
     if (!ndevs)
         return;
-    for (u64 op = 0; op < budget;) {
+    for (op_index = 0; op_index < budget;) {
         u32 r = below(100), kind = r < 28 ? 0 : r < 58 ? 1 : r < 64 ? 2 : r < 72 ? 3 : r < 76 ? 4 : r < 81 ? 5
                                      : r < 85 ? 6 : r < 94 ? 7 : 8;
         if (!(op_mask & (1u << kind)))
             continue;
-        op++;
+        op_index++;
         switch (kind) {
         case 0: op_block(); break;
         case 1: op_vsock(); break;
