@@ -31,9 +31,12 @@ const TIMEOUT_SECS: u64 = 60;
 /// Guest memory: the guest touches at most its 16 MiB arena, its image and the boot structures.
 const MEM_MIB: u64 = 128;
 /// The bound on vmm's peak RSS: the guest pages it touches (under 20 MiB) plus vmm's own few MiB, with
-/// room to spare. What grows with what the guest does (exit counters per MMIO page, vsock queues)
-/// must stay far below it.
+/// room to spare.
 const MAX_RSS_KIB: u64 = 64 * 1024;
+/// The bound on vmm's own memory: peak RSS less the guest memory resident at the end (guest memory only
+/// grows). It is 2-4 MiB in these runs; what grows with what the guest does (exit counters, vsock
+/// queues, connections) must stay far below this.
+const MAX_OWN_RSS_KIB: u64 = 16 * 1024;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -108,9 +111,20 @@ fn ops() -> u64 {
 }
 
 /// The arguments of vmm for one seed.
-fn vmm_args(guest: &Path, disk: &Path, result: &Path, seed: u64, ops: u64) -> Vec<String> {
+fn vmm_args(
+    guest: &Path,
+    disk: &Path,
+    result: &Path,
+    seed: u64,
+    ops: u64,
+    extra: &[&str],
+) -> Vec<String> {
     let with_command = seed % 4 == 3;
     let mut append = format!("fuzz.seed={seed} fuzz.ops={ops}");
+    for e in extra {
+        append += " ";
+        append += e;
+    }
     if with_command {
         append += " fuzz.cmd=1";
     }
@@ -161,9 +175,14 @@ struct Outcome {
 }
 
 fn run_seed(guest: &Path, disk: &Path, seed: u64, ops: u64) -> Outcome {
+    run_seed_with(guest, disk, seed, ops, &[])
+}
+
+/// One seed, with `extra` added to the guest's command line.
+fn run_seed_with(guest: &Path, disk: &Path, seed: u64, ops: u64, extra: &[&str]) -> Outcome {
     let result = work_dir().join(format!("result-{seed}.json"));
     let _ = std::fs::remove_file(&result);
-    let args = vmm_args(guest, disk, &result, seed, ops);
+    let args = vmm_args(guest, disk, &result, seed, ops, extra);
     let rerun = std::iter::once(vmm_bin().display().to_string())
         .chain(args.iter().cloned())
         .map(|a| shell_quote(&a))
@@ -177,6 +196,10 @@ fn run_seed(guest: &Path, disk: &Path, seed: u64, ops: u64) -> Outcome {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok());
     let peak_rss_kib = json.as_ref().and_then(|j| j["peak_rss_kib"].as_u64());
+    let guest_kib = json
+        .as_ref()
+        .and_then(|j| j["guest_resident_kib"].as_u64())
+        .unwrap_or(0);
     let exits = json
         .as_ref()
         .and_then(|j| j["exits"].as_array())
@@ -221,9 +244,18 @@ fn run_seed(guest: &Path, disk: &Path, seed: u64, ops: u64) -> Outcome {
             problems.push(format!("stderr says {sign:?}"));
         }
     }
+    if err.contains("triple-fault") || err.contains("guest crashed") {
+        // The guest never faults on its own (it touches only memory it owns): a bug in it, or vmm
+        // wrote guest memory it was not given.
+        problems.push("the fuzzing guest crashed".into());
+    }
     match peak_rss_kib {
         Some(kib) if kib > MAX_RSS_KIB => problems.push(format!(
             "peak RSS {kib} KiB, over the bound of {MAX_RSS_KIB} KiB"
+        )),
+        Some(kib) if kib.saturating_sub(guest_kib) > MAX_OWN_RSS_KIB => problems.push(format!(
+            "peak RSS {kib} KiB, of which {} KiB is not guest memory: over the bound of {MAX_OWN_RSS_KIB} KiB",
+            kib.saturating_sub(guest_kib)
         )),
         Some(_) => {}
         // vmm writes --result on every ending it controls (not when its watchdog ends it)
@@ -293,6 +325,22 @@ fn every_seed_ends_cleanly_with_bounded_memory() {
         seeds.len(),
         failures.join("\n")
     );
+}
+
+/// A guest that touches ~170,000 distinct unbacked MMIO pages (only the MMIO-gap operation, fuzz.mask=256)
+/// must not make vmm's own memory grow with them. Ignored until vmm's exit counters stop keeping one
+/// entry per 4 KiB MMIO page (finding 6): today this run peaks at about 48 MiB, 46 MiB of it counters,
+/// and writes an 11 MiB --result. Run it with `-- --ignored`.
+#[test]
+#[ignore = "finding 6: exit counters keyed per MMIO page grow without bound"]
+fn many_unbacked_mmio_pages_do_not_grow_vmm() {
+    let guest = build_guest();
+    let disk = disk_image();
+    let args = ["fuzz.mask=256"];
+    let outcome = run_seed_with(&guest, &disk, 5, 3000, &args);
+    if let Some(f) = outcome.failure {
+        panic!("{f}");
+    }
 }
 
 #[test]

@@ -246,6 +246,12 @@ static u64 wild_addr(void)
     }
 }
 
+/* whether [addr, addr + len) lies in the arena: the only guest RAM the guest itself writes for devices */
+static int ram_range_ok(u64 addr, u64 len)
+{
+    return addr >= ARENA_START && addr + len >= addr && addr + len <= arena_end;
+}
+
 /* mostly a good buffer address, sometimes a wild one */
 static u64 buffer_addr(u64 len, int wild_pct)
 {
@@ -368,9 +374,9 @@ static void configure_queue(struct device *d, int di, int qi, enum setup_fault f
     if (fault == SETUP_HIGH_HALVES && chance(50))
         reg_write(d, R_QUEUE_DESC + 4 + 0x10 * below(3), (u32)rnd());
     /* rings that are RAM start out empty (a reset device may have left anything there) */
-    if (q->avail >= ARENA_START && q->avail + 6 + 2 * 256 <= arena_end)
+    if (ram_range_ok(q->avail, 6 + 2 * 256))
         memset((void *)q->avail, 0, 6 + 2 * 256);
-    if (q->used >= ARENA_START && q->used + 6 + 8 * 256 <= arena_end)
+    if (ram_range_ok(q->used, 6 + 8 * 256))
         memset((void *)q->used, 0, 6 + 8 * 256);
     q->avail_idx = 0;
     q->next_desc = 0;
@@ -476,7 +482,6 @@ static void put_desc(u64 table, u32 index, struct desc d)
     t[index].next = d.next;
 }
 
-static int ram_range_ok(u64 addr, u64 len) { return addr >= ARENA_START && addr + len <= arena_end && addr + len >= addr; }
 
 /* Writes an indirect table for segs at a fresh arena address, maybe corrupting it; returns its address. */
 static u64 indirect_table(const struct seg *segs, int n, enum chain_fault fault, u32 *len)
@@ -703,7 +708,7 @@ static u32 fwd_cnt[8];      /* what this guest claims to have consumed, per loca
 static u32 control_frame(u8 *p, u32 room)
 {
     u32 len = 0, type;
-    int bad = !cmd_mode || below(500) == 0;   /* the host ends the run at the first frame it refuses */
+    int bad = !cmd_mode || below(5000) == 0;  /* the host ends the run at the first frame it refuses */
     switch (bad ? 5 + below(5) : 1 + below(4)) {
     case 1: type = 2; len = 9; p[5] = (u8)(1 + below(5)); *(u64 *)(p + 6) = rnd(); break;  /* Milestone */
     case 2:                                                              /* Stdout */
@@ -712,7 +717,7 @@ static u32 control_frame(u8 *p, u32 room)
             p[5 + i] = (u8)('a' + below(26));
         break;
     case 4:                                                              /* Milestone, rarely Exit(0) */
-        if (below(500)) {
+        if (below(2000)) {
             type = 2; len = 9; p[5] = (u8)(1 + below(5)); *(u64 *)(p + 6) = rnd();
         } else {
             type = 9; len = 4; *(u32 *)(p + 5) = 0;  /* the run ends with status 0 */
