@@ -51,7 +51,8 @@ fn work_dir() -> PathBuf {
     dir
 }
 
-/// Builds the guest with tests/fuzz-guest/build.sh (gcc and ld) and returns its path.
+/// Builds the guest with tests/fuzz-guest/build.sh (gcc and ld; it renames the finished file into
+/// place) and returns its path.
 fn build_guest() -> PathBuf {
     let out = work_dir().join("fuzz-guest.elf");
     let script = repo().join("tests/fuzz-guest/build.sh");
@@ -70,13 +71,18 @@ fn build_guest() -> PathBuf {
     out
 }
 
-/// A 1 MiB disk image with a recognisable pattern (the block device serves it read-only).
+/// A 1 MiB disk image with a recognisable pattern (the block device serves it read-only). Written
+/// beside its path and renamed: a campaign running from the same directory never sees it half written.
 fn disk_image() -> PathBuf {
     let path = work_dir().join("fuzz-disk.img");
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    std::fs::write(&path, data).unwrap();
+    if std::fs::read(&path).ok().as_ref() != Some(&data) {
+        let tmp = work_dir().join(format!("fuzz-disk.img.{}", std::process::id()));
+        std::fs::write(&tmp, &data).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
     path
 }
 

@@ -1,12 +1,17 @@
 /*
- * The device-fuzzing guest: a kernel-less PVH guest that drives vmm's whole MMIO and PIO surface from ring
- * 0 for a fixed, seeded budget of operations, then resets the VM (see README.md beside this file).
+ * The device-fuzzing guest: a kernel-less PVH guest that drives vmm's whole MMIO and PIO surface for a
+ * fixed, seeded budget of operations, then resets the VM (README.md, "Fuzzing the devices"; start.S says
+ * why the operations run in ring 3). tests/device_fuzz.rs builds it and runs it for a set of seeds.
  *
- * Kernel command line (vmm's --append): fuzz.seed=N (default 1), fuzz.ops=N (default 2000), fuzz.cmd=1
+ * Kernel command line (vmm's --append): fuzz.seed=N (default 1), fuzz.ops=N (default 2000; the test uses 1000), fuzz.cmd=1
  * when vmm runs with --cmd, so that a control connection is accepted and the guest speaks mostly valid
- * guest-init frames over it (a frame the host refuses ends the run, so bad ones are rare there).
+ * guest-init frames over it (a frame the host refuses ends the run, so bad ones are rare there),
+ * fuzz.mask=BITS (which kinds of operation run: bit N is case N of fuzz_main's switch), fuzz.spin=N (how
+ * long to wait for a device, in pause instructions), fuzz.ring0=1 (stay in ring 0).
  *
- * Everything the guest does follows from the seed: the same seed replays the same operations.
+ * Everything the guest does follows from the seed: the same seed replays the same operations, as long as
+ * the devices answer alike (whether a chain is submitted or skipped depends on whether the device has
+ * caught up; how the seeded sequence goes on does not).
  * Most operations set a virtio device up properly (feature negotiation, queue addresses, QueueReady,
  * DRIVER_OK) and then corrupt one thing, so that descriptor chains, block requests, vsock packets and
  * connection state are reached, not only the register decoder.
