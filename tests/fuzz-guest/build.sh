@@ -18,6 +18,7 @@ cflags="-std=gnu11 -O2 -Wall -Wextra -Werror -ffreestanding -fno-builtin -fno-pi
 # shellcheck disable=SC2086 # cflags is a list of words
 "$cc" $cflags -c "$dir/fuzz.c" -o "$tmp/fuzz.o"
 "$cc" -c "$dir/start.S" -o "$tmp/start.o"
+# linked beside OUT and renamed over it: a run that starts meanwhile sees the old file or the new one
 ld -nostdlib -static -z max-page-size=0x1000 -z noexecstack --no-warn-rwx-segments -T "$dir/guest.ld" \
-  -o "$tmp/guest.elf" "$tmp/start.o" "$tmp/fuzz.o"
-mv "$tmp/guest.elf" "$out"
+  -o "$out.$$.tmp" "$tmp/start.o" "$tmp/fuzz.o"
+mv -f "$out.$$.tmp" "$out"
