@@ -838,6 +838,8 @@ static void vsock_tx(int di)
     h->src_cid = chance(95) ? d->guest_cid : interesting();
     h->dst_cid = chance(95) ? 2 : interesting();
     h->src_port = chance(95) ? 50000 + port_index : (u32)interesting();
+    if (chance(5))  /* many connections at once: past the device's limit of 64 */
+        h->src_port = 51000 + below(256);
     h->dst_port = chance(85) ? CONTROL_PORT : (chance(50) ? (u32)interesting() : 1 + below(2048));
     h->type = chance(95) ? 1 : (u16)interesting();
     h->op = chance(95) ? ops[below(10)] : (u16)interesting();
@@ -1044,8 +1046,15 @@ static void op_ports(void)
         case 3: port = (u16)(0x43c + below(8)); break;      /* around the timestamp port */
         default: port = (u16)rnd(); break;
         }
-        u32 v = (u32)interesting();
-        switch (below(6)) {
+        u32 v = (u32)interesting(), how = below(6);
+        /*
+         * An access of several bytes must end by port 0xffff: a PVM host checks the TSS I/O bitmap even
+         * at IOPL 3, and the bits past port 0xffff are the bitmap's terminator, so it would fault.
+         */
+        u16 last = how == 1 || how == 4 ? 0xfffe : how == 2 || how == 5 ? 0xfffc : 0xffff;
+        if (port > last)
+            port = last;
+        switch (how) {
         case 0: (void)inb(port); break;
         case 1: (void)inw(port); break;
         case 2: (void)inl(port); break;
