@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the emulated KVM test host (tests/testhost/run) and the root file system
-# image tools (rootfs/) need, and nothing when they are all present (one dpkg-query, ~15 ms).
+# Installs the Debian packages that the emulated KVM test host (tests/testhost/run), the root file system
+# image tools (rootfs/) and the device-fuzzing guest need, and nothing when they are all present (one
+# dpkg-query, ~15 ms).
 #
 #   tests/testhost/install-deps.sh            # everything
 #   tests/testhost/install-deps.sh testhost   # QEMU 10, its firmware, busybox-static, cpio
 #   tests/testhost/install-deps.sh rootfs     # busybox-static, e2fsprogs
+#   tests/testhost/install-deps.sh fuzzguest  # gcc, binutils (tests/fuzz-guest, built by tests/device_fuzz.rs)
 #
 # QEMU 10 comes from bookworm-backports on Debian 12: QEMU 7.2 lets the nested guest's XSETBV through (see
 # ENVIRONMENT.md), so the test host insists on >= 10. Installing needs root; without it this prints what to
@@ -18,7 +20,8 @@ packages_for() {
   case "$1" in
     testhost) echo qemu-system-x86 seabios busybox-static cpio ;;
     rootfs) echo busybox-static e2fsprogs ;;
-    *) say "unknown group '$1' (want testhost or rootfs)"; exit 2 ;;
+    fuzzguest) echo gcc binutils ;;
+    *) say "unknown group '$1' (want testhost, rootfs or fuzzguest)"; exit 2 ;;
   esac
 }
 
@@ -71,7 +74,7 @@ install_packages() {
 
 main() {
   local groups=("$@") wanted=() missing=()
-  [ ${#groups[@]} -gt 0 ] || groups=(testhost rootfs)
+  [ ${#groups[@]} -gt 0 ] || groups=(testhost rootfs fuzzguest)
   local group
   for group in "${groups[@]}"; do
     # packages_for runs in a subshell here: its exit for a bad group shows as an empty list
