@@ -14,6 +14,14 @@
 //! connection to the control port is taken by vmm's control thread and carries guest-init frames. A
 //! failing seed is printed with the command that reruns it.
 
+// Test crates: a failed unwrap or expect is a failed test, and test data is small. clippy.toml's
+// allow-*-in-tests covers #[test] functions only, not the helpers beside them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

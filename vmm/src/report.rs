@@ -5,12 +5,31 @@ use std::time::{Duration, Instant};
 
 use vmm_protocol::Milestone;
 
+use crate::builder::Vm;
 use crate::config::VmConfig;
+use crate::control::ControlState;
+use crate::lifecycle::Decision;
 use crate::output_file::OutputFile;
 use crate::result::{ms, summarize_exits, RunResult, Timings};
-use crate::runner::{Collected, RunError};
 use crate::timeline::Timeline;
+use crate::vcpu::ExitCounts;
 use crate::verdict::conclude;
+
+/// What teardown collected for the report.
+pub struct Collected {
+    pub vm: Vm,
+    pub decision: Decision,
+    pub exit_counts: Vec<ExitCounts>,
+    pub control_state: Option<ControlState>,
+    /// when the event loop decided
+    pub ended_at: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot write the trace to {0}: {1}")]
+    Trace(String, #[source] std::io::Error),
+}
 
 /// Builds the result of the run and publishes its trace to `trace_out`.
 pub fn report(
@@ -18,7 +37,7 @@ pub fn report(
     collected: Collected,
     mut timeline: Timeline,
     trace_out: Option<OutputFile>,
-) -> Result<RunResult, RunError> {
+) -> Result<RunResult, ReportError> {
     let Collected {
         vm,
         decision,
@@ -88,31 +107,58 @@ pub fn report(
         guest_resident_kib: crate::guest_ram::resident_kib(&vm.mem, &vm.file_backed),
     };
     if let (Some(out), Some(path)) = (trace_out, &config.trace_file) {
-        let printk = vm.observed.printk.lock().unwrap_or_else(|p| p.into_inner());
-        let guest_stamps = milestones
-            .iter()
-            .map(|(m, t)| (m.name().to_string(), *t))
-            .collect();
-        let trace = crate::trace::build(&crate::trace::TraceInput {
-            start,
-            host_marks: timeline.marks(),
+        let trace = TraceParts {
+            timeline: &timeline,
             first_run,
-            vm_ended: ended_at,
-            guest_stamps,
-            host_spans: [
-                ("copy-in", state.copy_in_span),
-                ("copy-out", state.copy_out_span),
-            ]
-            .into_iter()
-            .filter_map(|(name, span)| span.map(|(s, e)| (name.to_string(), s, e)))
-            .collect(),
-            printk: printk.lines(),
-            result: &result,
-        });
-        out.publish(trace.to_string().as_bytes())
-            .map_err(|e| RunError::Trace(path.display().to_string(), e))?;
+            ended_at,
+            milestones: &milestones,
+            state: &state,
+        };
+        publish_trace(&trace, &vm, &result, out)
+            .map_err(|e| ReportError::Trace(path.display().to_string(), e))?;
     }
     Ok(result)
+}
+
+/// What the trace is made of besides the result.
+struct TraceParts<'a> {
+    timeline: &'a Timeline,
+    first_run: Option<Instant>,
+    ended_at: Instant,
+    milestones: &'a [(Milestone, Instant)],
+    state: &'a ControlState,
+}
+
+/// Builds the run's timeline as trace-event JSON and publishes it.
+fn publish_trace(
+    parts: &TraceParts,
+    vm: &Vm,
+    result: &RunResult,
+    out: OutputFile,
+) -> std::io::Result<()> {
+    let printk = vm.observed.printk.lock().unwrap_or_else(|p| p.into_inner());
+    let guest_stamps = parts
+        .milestones
+        .iter()
+        .map(|(m, t)| (m.name().to_string(), *t))
+        .collect();
+    let trace = crate::trace::build(&crate::trace::TraceInput {
+        start: parts.timeline.start(),
+        host_marks: parts.timeline.marks(),
+        first_run: parts.first_run,
+        vm_ended: parts.ended_at,
+        guest_stamps,
+        host_spans: [
+            ("copy-in", parts.state.copy_in_span),
+            ("copy-out", parts.state.copy_out_span),
+        ]
+        .into_iter()
+        .filter_map(|(name, span)| span.map(|(s, e)| (name.to_string(), s, e)))
+        .collect(),
+        printk: printk.lines(),
+        result,
+    });
+    out.publish(trace.to_string().as_bytes())
 }
 
 /// When the guest reached each milestone, on the host clock: the timestamp device's stamps where the

@@ -13,12 +13,13 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use crate::builder::{self, BuildError, Vm};
 use crate::config::VmConfig;
-use crate::control::{self, Control, ControlState};
+use crate::control::{self, Control};
 use crate::lifecycle::{Decision, Lifecycle};
 use crate::output_file::OutputFile;
+use crate::report::Collected;
 use crate::result::RunResult;
 use crate::timeline::Timeline;
-use crate::vcpu::{self, ExitCounts, VcpuHandle};
+use crate::vcpu::{self, VcpuHandle};
 
 /// How long the vCPU threads get to leave KVM_RUN at teardown; exiting the process stops them anyway.
 const VCPU_STOP_WAIT: Duration = Duration::from_millis(100);
@@ -33,8 +34,8 @@ pub enum RunError {
     EventLoop(String),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
-    #[error("cannot write the trace to {0}: {1}")]
-    Trace(String, std::io::Error),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
     #[error("cannot set up a timer: {0}")]
     Timer(vmm_sys_util::errno::Error),
     #[error("cannot start a thread: {0}")]
@@ -55,7 +56,9 @@ pub fn run(
     let ended_at = Instant::now();
     timeline.mark("guest ran");
     let collected = teardown(running, decision, ended_at);
-    crate::report::report(config, collected, timeline, trace_out)
+    Ok(crate::report::report(
+        config, collected, timeline, trace_out,
+    )?)
 }
 
 /// A VM whose vCPUs run, with its control thread and its event loop.
@@ -66,16 +69,6 @@ pub struct Running {
     stop: Arc<AtomicBool>,
     event_loop: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     lifecycle: Arc<Mutex<Lifecycle>>,
-}
-
-/// What teardown collected for the report.
-pub struct Collected {
-    pub vm: Vm,
-    pub decision: Decision,
-    pub exit_counts: Vec<ExitCounts>,
-    pub control_state: Option<ControlState>,
-    /// when the event loop decided
-    pub ended_at: Instant,
 }
 
 /// Builds the VM, starts the control thread and the vCPUs, and sets up the event loop; the main
