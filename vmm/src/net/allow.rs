@@ -36,7 +36,10 @@ pub enum AllowError {
 /// whose addresses the policy learns from the DNS answers the guest gets (see the policy's design).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Net { addr: IpAddr, prefix: u8 },
+    Net {
+        addr: IpAddr,
+        prefix: u8,
+    },
     /// Lower case, without a trailing dot.
     Host(String),
 }
@@ -68,7 +71,13 @@ impl AllowEntry {
                     None => return Err(AllowError::AfterBracket(own())),
                 },
             };
-            if inside.split('/').next().unwrap_or("").parse::<Ipv6Addr>().is_err() {
+            if inside
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .parse::<Ipv6Addr>()
+                .is_err()
+            {
                 return Err(AllowError::BracketedNotIpv6(own()));
             }
             let target = parse_net(inside, value)?;
@@ -76,7 +85,12 @@ impl AllowEntry {
         }
         if s.matches(':').count() >= 2 {
             // A bare IPv6 address or CIDR: its colons are its own, so there is no port.
-            if s.split('/').next().unwrap_or("").parse::<Ipv6Addr>().is_err() {
+            if s.split('/')
+                .next()
+                .unwrap_or("")
+                .parse::<Ipv6Addr>()
+                .is_err()
+            {
                 return Err(AllowError::BadIpv6(own()));
             }
             return Ok(AllowEntry {
@@ -166,7 +180,9 @@ pub(crate) fn net_contains(addr: IpAddr, prefix: u8, ip: IpAddr) -> bool {
 }
 
 fn mask32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
 }
 
 fn mask128(prefix: u8) -> u128 {

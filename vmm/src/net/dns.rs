@@ -154,9 +154,7 @@ fn read_name(msg: &[u8], start: usize) -> Result<(Option<String>, usize), DnsErr
             }
             0x00 => {
                 let len = usize::from(len);
-                let label = msg
-                    .get(pos + 1..pos + 1 + len)
-                    .ok_or(DnsError::Truncated)?;
+                let label = msg.get(pos + 1..pos + 1 + len).ok_or(DnsError::Truncated)?;
                 wire += 1 + len;
                 if wire > MAX_NAME_WIRE {
                     return Err(DnsError::NameTooLong);
@@ -233,7 +231,11 @@ pub(crate) mod tests {
             &[
                 (TO_QUESTION.to_vec(), TYPE_CNAME, name("cdn.example.net")),
                 (name("cdn.example.net"), TYPE_A, vec![93, 184, 216, 34]),
-                (name("cdn.example.net"), TYPE_AAAA, vec![0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                (
+                    name("cdn.example.net"),
+                    TYPE_AAAA,
+                    vec![0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                ),
                 (TO_QUESTION.to_vec(), 16, b"\x04text".to_vec()),
             ],
         );
@@ -245,7 +247,10 @@ pub(crate) mod tests {
             r.answers[0].data,
             RecordData::Cname(Some("cdn.example.net".into()))
         );
-        assert_eq!(r.answers[1].data, RecordData::A(Ipv4Addr::new(93, 184, 216, 34)));
+        assert_eq!(
+            r.answers[1].data,
+            RecordData::A(Ipv4Addr::new(93, 184, 216, 34))
+        );
         assert!(matches!(r.answers[2].data, RecordData::Aaaa(_)));
     }
 
@@ -265,7 +270,9 @@ pub(crate) mod tests {
     #[test]
     fn pointer_loops_and_forward_pointers_are_refused() {
         // the question name is a pointer to itself
-        let mut m = vec![0, 0, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1];
+        let mut m = vec![
+            0, 0, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ];
         assert_eq!(parse_response(&m), Err(DnsError::BadPointer));
         // forward
         m[13] = 14;
@@ -314,9 +321,9 @@ pub(crate) mod tests {
             } else {
                 vec![0u8; (seed % 96) as usize]
             };
-            for j in 0..m.len() {
+            for (j, byte) in m.iter_mut().enumerate() {
                 if (seed >> (j % 61)) & 7 == 0 || i % 2 == 1 {
-                    m[j] = (seed >> (j % 56)) as u8 ^ j as u8;
+                    *byte = (seed >> (j % 56)) as u8 ^ j as u8;
                 }
             }
             let _ = parse_response(&m);

@@ -206,10 +206,7 @@ impl DropReason {
 
     fn index(self) -> usize {
         // ALL lists every variant once, so the search always finds it.
-        DropReason::ALL
-            .iter()
-            .position(|r| *r == self)
-            .unwrap_or(0)
+        DropReason::ALL.iter().position(|r| *r == self).unwrap_or(0)
     }
 }
 
@@ -467,7 +464,9 @@ impl Policy {
         }
         let own = |a: Ipv6Addr| a == self.guest_link_local || Some(a) == self.addrs.guest_ipv6;
         let dad = src.is_unspecified();
-        if !own(src) && !(dad && kind == ND_NEIGHBOR_SOLICIT) {
+        // The unspecified source is for duplicate address detection only.
+        let dad_probe = dad && kind == ND_NEIGHBOR_SOLICIT;
+        if !(own(src) || dad_probe) {
             return Err(DropReason::SpoofedSource);
         }
         // RS: 4 reserved bytes; NS and NA: 4 bytes, then the target address
@@ -525,7 +524,10 @@ impl Policy {
             IpAddr::V6(a) => Some(a) == self.addrs.dns_ipv6,
         };
         if is_dns_forwarder
-            && matches!(transport, Transport::Tcp(DNS_PORT) | Transport::Udp(DNS_PORT))
+            && matches!(
+                transport,
+                Transport::Tcp(DNS_PORT) | Transport::Udp(DNS_PORT)
+            )
         {
             return Ok(());
         }
@@ -564,11 +566,10 @@ impl Policy {
     /// Looks at a frame passt sends the guest: a DNS answer from the forwarder for an allowed host name
     /// admits the addresses it gives (see the module documentation). Never drops or changes anything.
     pub fn observe_ingress(&mut self, frame: &[u8]) {
-        let has_names = self.allow.as_ref().is_some_and(|entries| {
-            entries
-                .iter()
-                .any(|e| matches!(e.target, Target::Host(_)))
-        });
+        let has_names = self
+            .allow
+            .as_ref()
+            .is_some_and(|entries| entries.iter().any(|e| matches!(e.target, Target::Host(_))));
         if !has_names {
             return;
         }
@@ -691,9 +692,7 @@ impl Policy {
     fn is_gateway_or_guest(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(a) => a == self.addrs.gateway_ipv4 || a == self.addrs.guest_ipv4,
-            IpAddr::V6(a) => {
-                Some(a) == self.addrs.gateway_ipv6 || Some(a) == self.addrs.guest_ipv6
-            }
+            IpAddr::V6(a) => Some(a) == self.addrs.gateway_ipv6 || Some(a) == self.addrs.guest_ipv6,
         }
     }
 }
@@ -770,9 +769,8 @@ fn special_v4(a: Ipv4Addr) -> Option<DropReason> {
 
 fn special_v6(a: Ipv6Addr) -> Option<DropReason> {
     let s = a.segments();
-    let in_net = |net: Ipv6Addr, prefix: u8| {
-        allow::net_contains(IpAddr::V6(net), prefix, IpAddr::V6(a))
-    };
+    let in_net =
+        |net: Ipv6Addr, prefix: u8| allow::net_contains(IpAddr::V6(net), prefix, IpAddr::V6(a));
     Some(if a.is_unspecified() {
         DropReason::Unspecified
     } else if a.is_loopback() {

@@ -96,7 +96,12 @@ const ECHO4: [u8; 8] = [8, 0, 0, 0, 0, 1, 0, 1];
 const ECHO6: [u8; 8] = [128, 0, 0, 0, 0, 1, 0, 1];
 
 fn v4(dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    eth(GW_MAC, GUEST_MAC, 0x0800, &ipv4(GUEST4, dst, proto, payload))
+    eth(
+        GW_MAC,
+        GUEST_MAC,
+        0x0800,
+        &ipv4(GUEST4, dst, proto, payload),
+    )
 }
 
 fn v6(dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
@@ -161,7 +166,12 @@ fn default_policy_allows_tcp_udp_and_echo_to_public_addresses() {
     assert_eq!(check(&p, &v6(PUBLIC6, 17, &udp(123, b"ntp"))), Ok(()));
     assert_eq!(check(&p, &v6(PUBLIC6, 58, &ECHO6)), Ok(()));
     // just outside the private and shared ranges
-    for ip in [[172, 32, 0, 1], [100, 128, 0, 1], [11, 0, 0, 1], [192, 169, 0, 1]] {
+    for ip in [
+        [172, 32, 0, 1],
+        [100, 128, 0, 1],
+        [11, 0, 0, 1],
+        [192, 169, 0, 1],
+    ] {
         assert_eq!(check(&p, &tcp4(Ipv4Addr::from(ip), 80)), Ok(()), "{ip:?}");
     }
     // an Ethernet frame padded to the minimum size is still fine
@@ -224,7 +234,11 @@ fn special_destinations_are_dropped_with_their_reason() {
     for &(ip, reason) in v4_cases {
         let ip = Ipv4Addr::from(ip);
         assert_eq!(check(&p, &tcp4(ip, 80)), Err(reason), "tcp {ip}");
-        assert_eq!(check(&p, &v4(ip, 17, &udp(80, b""))), Err(reason), "udp {ip}");
+        assert_eq!(
+            check(&p, &v4(ip, 17, &udp(80, b""))),
+            Err(reason),
+            "udp {ip}"
+        );
         assert_eq!(check(&p, &v4(ip, 1, &ECHO4)), Err(reason), "echo {ip}");
     }
     let v6_cases: &[(&str, DropReason)] = &[
@@ -252,7 +266,10 @@ fn special_destinations_are_dropped_with_their_reason() {
         assert_eq!(check(&p, &tcp6(ip, 80)), Err(reason), "tcp {ip}");
         assert_eq!(check(&p, &v6(ip, 58, &ECHO6)), Err(reason), "echo {ip}");
     }
-    assert_eq!(check(&p, &tcp6("::ffff:8.8.8.8".parse().unwrap(), 80)), Ok(()));
+    assert_eq!(
+        check(&p, &tcp6("::ffff:8.8.8.8".parse().unwrap(), 80)),
+        Ok(())
+    );
 }
 
 #[test]
@@ -276,7 +293,12 @@ fn spoofed_sources_are_dropped() {
     );
     assert_eq!(check(&p, &f), Err(DropReason::SpoofedSource));
     let other6: Ipv6Addr = "2a01:4f8::16".parse().unwrap();
-    let f = eth(GW_MAC, GUEST_MAC, 0x86dd, &ipv6(other6, PUBLIC6, 6, &tcp(80)));
+    let f = eth(
+        GW_MAC,
+        GUEST_MAC,
+        0x86dd,
+        &ipv6(other6, PUBLIC6, 6, &tcp(80)),
+    );
     assert_eq!(check(&p, &f), Err(DropReason::SpoofedSource));
     // the link-local address is for neighbour discovery only
     let ll = eui64_link_local(GUEST_MAC);
@@ -286,7 +308,10 @@ fn spoofed_sources_are_dropped() {
     let mut a = addrs();
     a.guest_ipv6 = None;
     let p6 = Policy::new(a, Vec::new());
-    assert_eq!(check(&p6, &tcp6(PUBLIC6, 80)), Err(DropReason::SpoofedSource));
+    assert_eq!(
+        check(&p6, &tcp6(PUBLIC6, 80)),
+        Err(DropReason::SpoofedSource)
+    );
 }
 
 #[test]
@@ -308,7 +333,10 @@ fn fragments_are_dropped() {
     // IPv6 fragment header in front of a TCP header that looks allowed
     let mut frag = vec![6, 0, 0, 1, 0, 0, 0, 7];
     frag.extend(tcp(443));
-    assert_eq!(check(&p, &v6(PUBLIC6, 44, &frag)), Err(DropReason::Fragment));
+    assert_eq!(
+        check(&p, &v6(PUBLIC6, 44, &frag)),
+        Err(DropReason::Fragment)
+    );
 }
 
 #[test]
@@ -392,8 +420,14 @@ fn arp_only_asks_for_the_gateway() {
         check(&p, &arp(1, GUEST_MAC, GUEST4, Ipv4Addr::new(10, 0, 2, 7))),
         Err(DropReason::Arp)
     );
-    assert_eq!(check(&p, &arp(2, GUEST_MAC, GUEST4, DNS4)), Err(DropReason::Arp));
-    assert_eq!(check(&p, &arp(3, GUEST_MAC, GUEST4, GW4)), Err(DropReason::Arp));
+    assert_eq!(
+        check(&p, &arp(2, GUEST_MAC, GUEST4, DNS4)),
+        Err(DropReason::Arp)
+    );
+    assert_eq!(
+        check(&p, &arp(3, GUEST_MAC, GUEST4, GW4)),
+        Err(DropReason::Arp)
+    );
     // gratuitous ARP, a probe, someone else's addresses
     assert_eq!(
         check(&p, &arp(1, GUEST_MAC, GUEST4, GUEST4)),
@@ -449,9 +483,15 @@ fn neighbour_discovery_with_the_gateway_only() {
     let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
     let sll = sll_option(GUEST_MAC);
     // finding the gateway: multicast and unicast solicitations, with and without our MAC
-    assert_eq!(check(&p, &nd(135, ll, solicited(GW6), Some(GW6), &sll)), Ok(()));
+    assert_eq!(
+        check(&p, &nd(135, ll, solicited(GW6), Some(GW6), &sll)),
+        Ok(())
+    );
     assert_eq!(check(&p, &nd(135, ll, GW6, Some(GW6), &[])), Ok(()));
-    assert_eq!(check(&p, &nd(135, GUEST6, solicited(GW6), Some(GW6), &sll)), Ok(()));
+    assert_eq!(
+        check(&p, &nd(135, GUEST6, solicited(GW6), Some(GW6), &sll)),
+        Ok(())
+    );
     assert_eq!(check(&p, &nd(133, ll, all_routers, None, &sll)), Ok(()));
     // duplicate address detection of its own addresses
     let dad = |t: Ipv6Addr| nd(135, Ipv6Addr::UNSPECIFIED, solicited(t), Some(t), &[]);
@@ -462,7 +502,10 @@ fn neighbour_discovery_with_the_gateway_only() {
     let mut tll = sll.clone();
     tll[0] = 2;
     assert_eq!(check(&p, &nd(136, ll, GW6, Some(ll), &tll)), Ok(()));
-    assert_eq!(check(&p, &nd(136, ll, all_nodes, Some(GUEST6), &[])), Ok(()));
+    assert_eq!(
+        check(&p, &nd(136, ll, all_nodes, Some(GUEST6), &[])),
+        Ok(())
+    );
     // someone else's address, or towards anyone but the gateway
     assert_eq!(
         check(&p, &nd(136, ll, GW6, Some(PUBLIC6), &[])),
@@ -648,7 +691,11 @@ fn drops_are_counted_per_reason() {
 fn parse_allow_accepts_the_cli_forms() {
     let cases: &[(&str, Target, Option<u16>)] = &[
         ("example.com", Target::Host("example.com".into()), None),
-        ("Proxy.Golang.org.:443", Target::Host("proxy.golang.org".into()), Some(443)),
+        (
+            "Proxy.Golang.org.:443",
+            Target::Host("proxy.golang.org".into()),
+            Some(443),
+        ),
         ("my_host-1", Target::Host("my_host-1".into()), None),
         ("1.2.3.4", net("1.2.3.4", 32), None),
         ("1.2.3.4:8080", net("1.2.3.4", 32), Some(8080)),
@@ -681,7 +728,8 @@ fn net(addr: &str, prefix: u8) -> Target {
 #[test]
 fn parse_allow_refuses_mistakes_in_one_line() {
     use AllowError::*;
-    let cases: &[(&str, fn(&AllowError) -> bool)] = &[
+    type Expect = fn(&AllowError) -> bool;
+    let cases: &[(&str, Expect)] = &[
         ("", |e| matches!(e, Empty)),
         ("  ", |e| matches!(e, Empty)),
         ("[2a00::1:443", |e| matches!(e, MissingBracket(_))),
@@ -700,7 +748,10 @@ fn parse_allow_refuses_mistakes_in_one_line() {
         ("10.0.0.0/33", |e| matches!(e, BadPrefix(_))),
         ("10.0.0.0/+8", |e| matches!(e, BadPrefix(_))),
         ("2a00::/129", |e| matches!(e, BadPrefix(_))),
-        ("10.0.0.1/8", |e| matches!(e, HostBits(_, s) if s == "10.0.0.0/8")),
+        (
+            "10.0.0.1/8",
+            |e| matches!(e, HostBits(_, s) if s == "10.0.0.0/8"),
+        ),
         ("*.example.com", |e| matches!(e, BadHostName(_))),
         ("exa mple.com", |e| matches!(e, BadHostName(_))),
         ("-bad.example", |e| matches!(e, BadHostName(_))),
@@ -712,7 +763,10 @@ fn parse_allow_refuses_mistakes_in_one_line() {
         let e = Policy::parse_allow(text).expect_err(text);
         assert!(ok(&e), "{text}: {e:?}");
         let line = e.to_string();
-        assert!(!line.contains('\n') && line.starts_with("--net-allow"), "{line}");
+        assert!(
+            !line.contains('\n') && line.starts_with("--net-allow"),
+            "{line}"
+        );
     }
     let long = format!("{}.com", "a".repeat(64));
     assert!(Policy::parse_allow(&long).is_err());
@@ -730,15 +784,24 @@ fn allowlist_admits_only_what_it_names() {
     assert_eq!(check(&p, &v4(PUBLIC4, 17, &udp(443, b""))), Ok(()));
     assert_eq!(check(&p, &tcp4(PUBLIC4, 80)), Err(DropReason::NotAllowed));
     // an entry with a port does not admit echo
-    assert_eq!(check(&p, &v4(PUBLIC4, 1, &ECHO4)), Err(DropReason::NotAllowed));
+    assert_eq!(
+        check(&p, &v4(PUBLIC4, 1, &ECHO4)),
+        Err(DropReason::NotAllowed)
+    );
     assert_eq!(
         check(&p, &tcp4(Ipv4Addr::new(1, 1, 1, 1), 443)),
         Err(DropReason::NotAllowed)
     );
     // private and link-local, named explicitly
     assert_eq!(check(&p, &tcp4(Ipv4Addr::new(10, 9, 8, 7), 22)), Ok(()));
-    assert_eq!(check(&p, &v4(Ipv4Addr::new(10, 9, 8, 7), 1, &ECHO4)), Ok(()));
-    assert_eq!(check(&p, &tcp4(Ipv4Addr::new(169, 254, 169, 254), 80)), Ok(()));
+    assert_eq!(
+        check(&p, &v4(Ipv4Addr::new(10, 9, 8, 7), 1, &ECHO4)),
+        Ok(())
+    );
+    assert_eq!(
+        check(&p, &tcp4(Ipv4Addr::new(169, 254, 169, 254), 80)),
+        Ok(())
+    );
     // and not named: dropped with the range's own reason
     assert_eq!(
         check(&p, &tcp4(Ipv4Addr::new(192, 168, 0, 1), 443)),
@@ -784,13 +847,19 @@ fn host_names_admit_the_addresses_their_answers_gave() {
     let mut p = allow_policy(&["proxy.example.com:443"]);
     let target = Ipv4Addr::new(151, 101, 1, 1);
     assert_eq!(check(&p, &tcp4(target, 443)), Err(DropReason::NotAllowed));
-    p.observe_ingress(&dns_answer4(&response("Proxy.Example.COM", &[a(target.octets())])));
+    p.observe_ingress(&dns_answer4(&response(
+        "Proxy.Example.COM",
+        &[a(target.octets())],
+    )));
     assert_eq!(check(&p, &tcp4(target, 443)), Ok(()));
     // the entry's port holds for learned addresses too
     assert_eq!(check(&p, &tcp4(target, 80)), Err(DropReason::NotAllowed));
     // a later, different answer adds to the first: connections made from the older answer still work
     let second = Ipv4Addr::new(151, 101, 65, 1);
-    p.observe_ingress(&dns_answer4(&response("proxy.example.com", &[a(second.octets())])));
+    p.observe_ingress(&dns_answer4(&response(
+        "proxy.example.com",
+        &[a(second.octets())],
+    )));
     assert_eq!(check(&p, &tcp4(target, 443)), Ok(()));
     assert_eq!(check(&p, &tcp4(second, 443)), Ok(()));
     // AAAA over IPv6
@@ -804,11 +873,17 @@ fn host_names_admit_the_addresses_their_answers_gave() {
     assert_eq!(p.counters().dns_learned, 3);
     // answers for other names admit nothing
     let other = Ipv4Addr::new(8, 8, 4, 4);
-    p.observe_ingress(&dns_answer4(&response("evil.example", &[a(other.octets())])));
+    p.observe_ingress(&dns_answer4(&response(
+        "evil.example",
+        &[a(other.octets())],
+    )));
     assert_eq!(check(&p, &tcp4(other, 443)), Err(DropReason::NotAllowed));
     // with a default policy nothing is learned (everything public passes anyway)
     let mut d = default_policy();
-    d.observe_ingress(&dns_answer4(&response("proxy.example.com", &[a(target.octets())])));
+    d.observe_ingress(&dns_answer4(&response(
+        "proxy.example.com",
+        &[a(target.octets())],
+    )));
     assert!(d.learned().is_empty());
 }
 
@@ -847,7 +922,12 @@ fn host_names_follow_cname_chains_but_nothing_else() {
 fn host_names_never_admit_private_addresses_or_forged_answers() {
     let mut p = allow_policy(&["proxy.example.com"]);
     // DNS rebinding: the name's answer points into the host's networks
-    for ip in [[169, 254, 169, 254], [127, 0, 0, 1], [10, 0, 2, 2], [192, 168, 1, 1]] {
+    for ip in [
+        [169, 254, 169, 254],
+        [127, 0, 0, 1],
+        [10, 0, 2, 2],
+        [192, 168, 1, 1],
+    ] {
         p.observe_ingress(&dns_answer4(&response("proxy.example.com", &[a(ip)])));
         assert!(check(&p, &tcp4(Ipv4Addr::from(ip), 443)).is_err());
     }
@@ -875,7 +955,10 @@ fn host_names_never_admit_private_addresses_or_forged_answers() {
     p.observe_ingress(&dns_answer4(&bad));
     assert!(p.learned().is_empty());
     p.observe_ingress(&dns_answer4(&good));
-    assert_eq!(p.learned(), &[(IpAddr::V4(Ipv4Addr::new(151, 101, 1, 1)), None)]);
+    assert_eq!(
+        p.learned(),
+        &[(IpAddr::V4(Ipv4Addr::new(151, 101, 1, 1)), None)]
+    );
 }
 
 #[test]
