@@ -6,6 +6,7 @@
 
 pub mod allow;
 pub mod dns;
+pub mod passt;
 pub mod policy;
 
 #[cfg(test)]
