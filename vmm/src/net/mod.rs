@@ -8,6 +8,7 @@ pub mod allow;
 pub mod dns;
 pub mod passt;
 pub mod policy;
+pub mod reply;
 
 #[cfg(test)]
 mod tests;

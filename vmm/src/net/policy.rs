@@ -204,6 +204,26 @@ impl DropReason {
         }
     }
 
+    /// Whether the frame was refused for where it goes (rather than for what it is): such a TCP
+    /// segment is answered with a reset, so that the guest gives up at once. Not multicast and
+    /// broadcast, which are also refused at the Ethernet layer, before the source is checked.
+    pub fn is_destination(self) -> bool {
+        matches!(
+            self,
+            DropReason::Gateway
+                | DropReason::OwnAddress
+                | DropReason::Loopback
+                | DropReason::Metadata
+                | DropReason::LinkLocal
+                | DropReason::Private
+                | DropReason::SharedAddress
+                | DropReason::UniqueLocal
+                | DropReason::Unspecified
+                | DropReason::Reserved
+                | DropReason::NotAllowed
+        )
+    }
+
     fn index(self) -> usize {
         // ALL lists every variant once, so the search always finds it.
         DropReason::ALL.iter().position(|r| *r == self).unwrap_or(0)

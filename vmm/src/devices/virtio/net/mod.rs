@@ -24,6 +24,7 @@
 //! direction or size are handed back unused, and each pass handles at most [`CHAINS_PER_PASS`] chains
 //! per queue before letting the event loop go round.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -66,6 +67,9 @@ pub const MAX_FRAME_LEN: usize = 65535 + crate::net::policy::ETH_HEADER_LEN;
 const LEN_PREFIX: usize = 4;
 /// Smallest frame delivered: an Ethernet header.
 const MIN_FRAME_LEN: usize = crate::net::policy::ETH_HEADER_LEN;
+/// Resets waiting for rx buffers, at most: a guest that sends refused SYNs faster than it reads gets
+/// the rest dropped, which it then retries.
+const MAX_REPLIES: usize = 64;
 /// The rx read buffer: room for two largest frames, so one read usually brings whole frames.
 const RX_BUF_LEN: usize = 2 * (LEN_PREFIX + MAX_FRAME_LEN);
 
@@ -103,6 +107,8 @@ pub struct NetStats {
     pub tx_malformed: u64,
     /// Tx frames consumed after the connection to passt ended.
     pub tx_no_backend: u64,
+    /// Refused TCP segments answered with a reset.
+    pub tx_refused: u64,
     /// Frames from passt that fit no rx buffer of the guest's, or were shorter than an Ethernet header.
     pub rx_dropped: u64,
 }
@@ -195,6 +201,8 @@ pub struct Net {
     /// The frame being read off a tx chain.
     tx_frame: Vec<u8>,
     rx: RxFramer,
+    /// Resets for refused TCP segments, waiting for rx buffers (at most [`MAX_REPLIES`]).
+    replies: VecDeque<Vec<u8>>,
     /// What the event loop watches the socket for; None while it is not registered.
     registered: Option<EventSet>,
     ended: Option<BackendEnd>,
@@ -220,6 +228,7 @@ impl Net {
             tx_written: 0,
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             rx: RxFramer::new(),
+            replies: VecDeque::new(),
             registered: None,
             ended: None,
             stats: NetStats::default(),
@@ -358,7 +367,13 @@ impl Net {
                 self.stats.tx_no_backend += 1;
                 continue;
             }
-            if self.policy.check_egress(&self.tx_frame).is_err() {
+            if let Err(reason) = self.policy.check_egress(&self.tx_frame) {
+                if reason.is_destination() && self.replies.len() < MAX_REPLIES {
+                    if let Some(reset) = crate::net::reply::tcp_reset(&self.tx_frame) {
+                        self.replies.push_back(reset);
+                        self.stats.tx_refused += 1;
+                    }
+                }
                 continue;
             }
             let Ok(len) = u32::try_from(self.tx_frame.len()) else {
@@ -376,7 +391,8 @@ impl Net {
         }
     }
 
-    /// Delivers frames from passt into rx buffers while there are both.
+    /// Delivers frames into rx buffers while there are both: first the resets the device made (they
+    /// answer frames the guest already sent), then what passt sent.
     fn process_rx(&mut self) {
         if self.active.is_none() {
             return;
@@ -384,95 +400,77 @@ impl Net {
         let mut used_any = false;
         let mut budget = CHAINS_PER_PASS;
         loop {
-            let (start, end) = match self.rx.next_frame() {
-                Err(why) => {
-                    self.end(why);
-                    break;
-                }
-                Ok(Some(range)) => range,
-                Ok(None) => {
-                    if self.ended.is_some() {
-                        break;
-                    }
-                    match self.rx.fill(&mut self.stream) {
-                        Ok(0) => {
-                            self.end(BackendEnd::Closed);
-                            break;
-                        }
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            self.end(BackendEnd::Io(e.to_string()));
-                            break;
-                        }
-                    }
-                }
-            };
             if budget == 0 {
                 self.kick_self(RX_QUEUE);
                 break;
             }
-            let frame = self.rx.buf.get(start..end).unwrap_or(&[]);
-            if frame.len() < MIN_FRAME_LEN {
-                self.stats.rx_dropped += 1;
-                self.rx.consume_to(end);
-                continue;
-            }
+            let source = if self.replies.is_empty() {
+                match self.rx.next_frame() {
+                    Err(why) => {
+                        self.end(why);
+                        break;
+                    }
+                    Ok(Some((start, end))) => Source::Passt(start, end),
+                    Ok(None) => {
+                        if self.ended.is_some() {
+                            break;
+                        }
+                        match self.rx.fill(&mut self.stream) {
+                            Ok(0) => {
+                                self.end(BackendEnd::Closed);
+                                break;
+                            }
+                            Ok(_) => continue,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                self.end(BackendEnd::Io(e.to_string()));
+                                break;
+                            }
+                        }
+                    }
+                }
+            } else {
+                Source::Reply
+            };
+            let frame: &[u8] = match source {
+                Source::Reply => self.replies.front().map_or(&[], Vec::as_slice),
+                Source::Passt(start, end) => self.rx.buf.get(start..end).unwrap_or(&[]),
+            };
             let Some(active) = self.active.as_mut() else {
                 return;
             };
-            let mem = &active.mem;
-            let Some(popped) = pop_chain(&mut active.rx, mem, active.indirect) else {
-                // No buffer: the frame waits, and the socket is not read, until the guest adds some.
-                break;
-            };
-            budget -= 1;
-            let (head, writer) = match popped {
-                Ok(chain) => (chain.head_index(), chain.writer(mem).ok()),
-                Err(head) => (head, None),
-            };
-            let writer = writer.filter(|w| w.available_bytes() >= NET_HDR_LEN + MIN_FRAME_LEN);
-            let Some(mut writer) = writer else {
-                // Not writable guest memory, or too small for any frame: it can never take one.
-                if active.rx.add_used(mem, head, 0).is_err() {
-                    break;
-                }
-                used_any = true;
-                continue;
-            };
-            if writer.available_bytes() < NET_HDR_LEN + frame.len() {
-                // Linux without mergeable buffers posts buffers of one size: a frame that does not
-                // fit this one fits none. Dropped, and the buffer kept for the next frame.
-                active.rx.go_to_previous_position();
-                self.stats.rx_dropped += 1;
-                self.rx.consume_to(end);
-                continue;
-            }
-            let mut header = [0u8; NET_HDR_LEN];
-            // num_buffers = 1, little-endian, the header's last field
-            header[NET_HDR_LEN - 2] = 1;
-            let written = writer
-                .write_all(&header)
-                .and_then(|()| writer.write_all(frame));
-            let used_len = match written {
-                Ok(()) => NET_HDR_LEN + frame.len(),
-                Err(_) => 0,
-            };
-            if used_len > 0 {
-                self.stats.rx_frames += 1;
-                self.stats.rx_bytes += frame.len() as u64;
-                self.policy.observe_ingress(frame);
+            let outcome = if frame.len() < MIN_FRAME_LEN {
+                Delivery::Dropped
             } else {
-                self.stats.rx_dropped += 1;
+                deliver(active, frame)
+            };
+            match outcome {
+                // The frame waits, and the socket is not read, until the guest adds buffers.
+                Delivery::NoBuffer | Delivery::RingBroken => break,
+                Delivery::Unusable => {
+                    // The chain went back empty; the frame waits for the next one.
+                    budget -= 1;
+                    used_any = true;
+                    continue;
+                }
+                Delivery::Dropped => self.stats.rx_dropped += 1,
+                Delivery::Delivered => {
+                    budget -= 1;
+                    used_any = true;
+                    if let Source::Passt(..) = source {
+                        self.stats.rx_frames += 1;
+                        self.stats.rx_bytes += frame.len() as u64;
+                        self.policy.observe_ingress(frame);
+                    }
+                }
             }
-            self.rx.consume_to(end);
-            // at most NET_HDR_LEN + MAX_FRAME_LEN
-            let used_len = u32::try_from(used_len).unwrap_or(0);
-            if active.rx.add_used(mem, head, used_len).is_err() {
-                break;
+            match source {
+                Source::Reply => {
+                    self.replies.pop_front();
+                }
+                Source::Passt(_, end) => self.rx.consume_to(end),
             }
-            used_any = true;
         }
         if used_any {
             if let Some(active) = self.active.as_mut() {
@@ -522,6 +520,74 @@ impl Net {
                 "cannot watch the socket to passt: {e}"
             ))),
         }
+    }
+}
+
+/// Where the frame being delivered comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The front of the device's own replies.
+    Reply,
+    /// `buf[start..end]` of what passt sent.
+    Passt(usize, usize),
+}
+
+/// What became of a frame offered to the rx queue.
+enum Delivery {
+    /// No rx buffer: the frame waits.
+    NoBuffer,
+    /// The used ring cannot be written: nothing can be delivered until the driver resets the device.
+    RingBroken,
+    /// The chain could never take a frame (not writable guest memory, too small, indirect) and went
+    /// back empty; the frame waits for the next chain.
+    Unusable,
+    /// The frame fits no buffer (or is no frame): dropped, and the buffer kept for the next frame.
+    Dropped,
+    Delivered,
+}
+
+/// Writes `frame` behind a virtio-net header into the next rx chain.
+fn deliver(active: &mut Active, frame: &[u8]) -> Delivery {
+    let mem = &active.mem;
+    let Some(popped) = pop_chain(&mut active.rx, mem, active.indirect) else {
+        return Delivery::NoBuffer;
+    };
+    let (head, writer) = match popped {
+        Ok(chain) => (chain.head_index(), chain.writer(mem).ok()),
+        Err(head) => (head, None),
+    };
+    let writer = writer.filter(|w| w.available_bytes() >= NET_HDR_LEN + MIN_FRAME_LEN);
+    let Some(mut writer) = writer else {
+        return match active.rx.add_used(mem, head, 0) {
+            Ok(()) => Delivery::Unusable,
+            Err(_) => Delivery::RingBroken,
+        };
+    };
+    if writer.available_bytes() < NET_HDR_LEN + frame.len() {
+        // Linux without mergeable buffers posts buffers of one size: a frame that does not fit this
+        // one fits none.
+        active.rx.go_to_previous_position();
+        return Delivery::Dropped;
+    }
+    let mut header = [0u8; NET_HDR_LEN];
+    // num_buffers = 1, little-endian, the header's last field
+    header[NET_HDR_LEN - 2] = 1;
+    let written = writer
+        .write_all(&header)
+        .and_then(|()| writer.write_all(frame));
+    // at most NET_HDR_LEN + MAX_FRAME_LEN; 0 if the copy failed (it cannot: the chain's memory was
+    // checked when the writer was made)
+    let used_len = match written {
+        Ok(()) => u32::try_from(NET_HDR_LEN + frame.len()).unwrap_or(0),
+        Err(_) => 0,
+    };
+    if active.rx.add_used(mem, head, used_len).is_err() {
+        return Delivery::RingBroken;
+    }
+    if used_len == 0 {
+        Delivery::Unusable
+    } else {
+        Delivery::Delivered
     }
 }
 
@@ -577,6 +643,7 @@ impl VirtioDevice for Net {
             ("tx_dropped", p.dropped_total()),
             ("tx_malformed", s.tx_malformed),
             ("tx_no_backend", s.tx_no_backend),
+            ("tx_refused_with_reset", s.tx_refused),
             ("rx_dropped", s.rx_dropped),
             ("dns_learned", p.dns_learned),
             ("dns_refused_answers", p.dns_refused_answers),

@@ -486,6 +486,69 @@ fn denied_frames_are_consumed_counted_and_never_sent() {
     assert!(h.dev.counters().iter().all(|(n, _)| *n != "dropped_vlan"));
 }
 
+/// A SYN from the guest to `dst`:`port`.
+fn syn_frame(dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW_MAC);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&GUEST4.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[0xc3, 0x50]);
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&[
+        0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
+    f
+}
+
+#[test]
+fn refused_connections_get_a_reset_at_once() {
+    let mem = new_mem();
+    let policy = Policy::new(
+        addrs(),
+        vec![Policy::parse_allow("93.184.216.34:443").unwrap()],
+    );
+    let mut h = Harness::with_policy(&mem, policy);
+    let allowed = syn_frame(PUBLIC4, 443);
+    assert!(h
+        .drv
+        .send(&syn_frame(Ipv4Addr::new(169, 254, 169, 254), 80), false));
+    assert!(h.drv.send(&syn_frame(PUBLIC4, 22), false));
+    assert!(h.drv.send(&allowed, false));
+    // spoofed: dropped without an answer
+    let mut spoofed = syn_frame(PUBLIC4, 22);
+    spoofed[29] = 99;
+    assert!(h.drv.send(&spoofed, false));
+    h.kick_tx();
+    assert_eq!(h.passt_frames(), vec![allowed]);
+    assert_eq!(h.counter("tx_refused_with_reset"), 2);
+    // the resets wait for rx buffers, and come before anything passt sends
+    h.passt.write_all(&framed(&rx_frame(100, 1))).unwrap();
+    for _ in 0..3 {
+        h.drv.post_rx(1526, false);
+    }
+    h.kick_rx();
+    let got: Vec<_> = h.drv.receive().into_iter().map(Option::unwrap).collect();
+    assert_eq!(got.len(), 3);
+    for (rst, from) in got[..2]
+        .iter()
+        .zip([[169, 254, 169, 254], [93, 184, 216, 34]])
+    {
+        assert_eq!(&rst[..6], &GUEST_MAC);
+        assert_eq!(&rst[14 + 12..14 + 16], &from);
+        assert_eq!(&rst[14 + 16..14 + 20], &GUEST4.octets());
+        assert_eq!(rst[14 + 20 + 13], 0x14, "RST|ACK");
+        assert_eq!(&rst[14 + 20 + 8..14 + 20 + 12], &0x1001u32.to_be_bytes());
+    }
+    assert_eq!(got[2], rx_frame(100, 1));
+    assert_eq!(
+        h.counter("rx_frames"),
+        1,
+        "resets are not counted as passt's frames"
+    );
+}
+
 #[test]
 fn malformed_tx_chains_are_returned_and_counted() {
     let mem = new_mem();
