@@ -479,15 +479,19 @@ impl Net {
         }
     }
 
-    /// What the socket should be watched for now: input while the device is active and no whole frame
-    /// waits for an rx buffer (else the readable socket would wake the loop for nothing, over and
-    /// over), output while a frame is pending. Nothing once the connection has ended.
+    /// What the socket should be watched for now: input while the device is active and no frame (of
+    /// passt's, or a reset of its own) waits for an rx buffer (else the readable socket would wake the
+    /// loop for nothing, over and over), output while a frame is pending. Nothing once the connection
+    /// has ended.
     fn wanted_interest(&self) -> EventSet {
         let mut wanted = EventSet::empty();
         if self.ended.is_some() {
             return wanted;
         }
-        if self.active.is_some() && matches!(self.rx.next_frame(), Ok(None)) {
+        if self.active.is_some()
+            && self.replies.is_empty()
+            && matches!(self.rx.next_frame(), Ok(None))
+        {
             wanted |= EventSet::IN;
         }
         if self.tx_written < self.tx_pending.len() {
