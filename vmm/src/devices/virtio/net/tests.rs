@@ -986,3 +986,57 @@ fn event_manager_drives_frames_both_ways() {
     );
     assert!(irq.irqfd().read().unwrap() > 0);
 }
+
+/// With passt installed: the guest's ARP request for the gateway goes through the policy to a real
+/// passt, and passt's reply lands in an rx buffer.
+#[test]
+fn a_real_passt_answers_the_guests_arp_request() {
+    let Some(program) = crate::net::passt::find() else {
+        eprintln!("passt is not installed: skipped");
+        return;
+    };
+    let (_passt, socket) = crate::net::passt::start(&program).unwrap();
+    let mem = new_mem();
+    let drv = Driver::new(&mem);
+    let policy = Policy::new(crate::net::passt::addresses(), Vec::new());
+    let mut dev = Net::new(crate::net::passt::GUEST_MAC, socket, policy).unwrap();
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        queues: drv.queues(),
+        interrupt: irq,
+        acked_features: VIRTIO_F_VERSION_1,
+    })
+    .unwrap();
+    let mut h = Harness {
+        drv,
+        dev,
+        reg: FakeRegistry::default(),
+        irq: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        passt: UnixStream::pair().unwrap().0,
+    };
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&crate::net::passt::GUEST_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&crate::net::passt::GUEST_MAC);
+    arp.extend_from_slice(&crate::net::passt::GUEST_IPV4.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&crate::net::passt::GATEWAY_IPV4.octets());
+    h.drv.post_rx(1526, false);
+    assert!(h.drv.send(&arp, false));
+    h.kick_tx();
+    assert_eq!(h.counter("tx_frames"), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reply = loop {
+        h.socket_ready();
+        if let Some(Some(frame)) = h.drv.receive().pop() {
+            break frame;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer from passt");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(&reply[..6], &crate::net::passt::GUEST_MAC);
+    assert_eq!(&reply[12..14], &[0x08, 0x06]);
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&reply[28..32], &crate::net::passt::GATEWAY_IPV4.octets());
+}
