@@ -157,7 +157,7 @@ impl std::str::FromStr for AllowEntry {
 
 /// Whether an entry's port restriction admits `port` (None: ICMP echo, which has no port: only an
 /// entry without a port admits it).
-pub(crate) fn port_matches(entry: Option<u16>, port: Option<u16>) -> bool {
+fn port_matches(entry: Option<u16>, port: Option<u16>) -> bool {
     match entry {
         None => true,
         Some(p) => port == Some(p),

@@ -52,6 +52,7 @@
 //! What the policy does not protect against: data leaving in DNS queries through the forwarder (any
 //! name may be queried), and traffic to an allowed destination itself.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::allow::{self, AllowEntry, AllowError, Target};
@@ -295,8 +296,9 @@ pub struct Policy {
     /// None: the default policy. Some: only what the entries (and the addresses learned for their host
     /// names) cover.
     allow: Option<Vec<AllowEntry>>,
-    /// Addresses learned from DNS answers, with the port of the entry that named them.
-    learned: Vec<(IpAddr, Option<u16>)>,
+    /// Addresses learned from DNS answers, with the port of the entry that named them (a set: it is
+    /// looked up for every frame).
+    learned: HashSet<(IpAddr, Option<u16>)>,
     counters: PolicyCounters,
 }
 
@@ -307,7 +309,7 @@ impl Policy {
             guest_link_local: eui64_link_local(addrs.guest_mac),
             addrs,
             allow: (!allow.is_empty()).then_some(allow),
-            learned: Vec::new(),
+            learned: HashSet::new(),
             counters: PolicyCounters::default(),
         }
     }
@@ -321,9 +323,11 @@ impl Policy {
         &self.counters
     }
 
-    /// Addresses learned from DNS answers so far.
-    pub fn learned(&self) -> &[(IpAddr, Option<u16>)] {
-        &self.learned
+    /// Addresses learned from DNS answers so far, sorted.
+    pub fn learned(&self) -> Vec<(IpAddr, Option<u16>)> {
+        let mut learned: Vec<_> = self.learned.iter().copied().collect();
+        learned.sort_unstable();
+        learned
     }
 
     /// Whether the guest may send `frame` (an Ethernet frame, without the virtio-net header). Counts
@@ -571,11 +575,10 @@ impl Policy {
             return special.map_or(Ok(()), Err);
         };
         let port = transport.port();
+        // A learned address admits every port if its entry named none, else that port only.
         let listed = entries.iter().any(|e| e.covers(dst, port))
-            || self
-                .learned
-                .iter()
-                .any(|&(ip, p)| ip == dst && allow::port_matches(p, port));
+            || self.learned.contains(&(dst, None))
+            || (port.is_some() && self.learned.contains(&(dst, port)));
         if listed {
             Ok(())
         } else {
@@ -703,7 +706,7 @@ impl Policy {
                     self.counters.dns_learned_over_cap += 1;
                     continue;
                 }
-                self.learned.push((ip, port));
+                self.learned.insert((ip, port));
                 self.counters.dns_learned += 1;
             }
         }

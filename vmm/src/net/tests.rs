@@ -957,7 +957,7 @@ fn host_names_never_admit_private_addresses_or_forged_answers() {
     p.observe_ingress(&dns_answer4(&good));
     assert_eq!(
         p.learned(),
-        &[(IpAddr::V4(Ipv4Addr::new(151, 101, 1, 1)), None)]
+        vec![(IpAddr::V4(Ipv4Addr::new(151, 101, 1, 1)), None)]
     );
 }
 
