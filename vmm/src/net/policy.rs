@@ -27,6 +27,8 @@
 //! - **Destinations with an allowlist** (`--net-allow`): DNS to the forwarder as above, and only what an
 //!   entry covers (address or CIDR, and port if it names one; an entry with a port does not admit ICMP
 //!   echo). Naming a private or link-local destination explicitly is the only way to reach one.
+//! - A TCP segment dropped for its destination ([`DropReason::is_destination`]) is answered by the
+//!   device with a reset from that destination (`super::reply`), so a denied connection fails at once.
 //!
 //! # Host names
 //!
