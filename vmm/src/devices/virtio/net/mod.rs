@@ -21,7 +21,7 @@
 //!   counted.
 //!
 //! The guest is not trusted: chains that refer to indirect tables are refused, chains of the wrong
-//! direction or size are handed back unused, and each pass handles at most [`CHAINS_PER_PASS`] chains
+//! direction or size are handed back unused, and each pass handles at most `CHAINS_PER_PASS` chains
 //! per queue before letting the event loop go round.
 
 use std::collections::VecDeque;
