@@ -107,6 +107,28 @@ fn bad_flags_are_one_line_and_125() {
     assert_one_line_failure(&o, "not both");
     let o = vmm_cmd(&["--no-such-flag"]);
     assert_code(&o, 125);
+    let o = vmm_cmd(&[
+        "--kernel",
+        k,
+        "--rootfs",
+        d,
+        "--net-allow",
+        "10.0.0.1/8",
+        "--cmd",
+        "true",
+    ]);
+    assert_one_line_failure(&o, "--net-allow \"10.0.0.1/8\"");
+    let o = vmm_cmd(&[
+        "--kernel",
+        k,
+        "--rootfs",
+        d,
+        "--net-allow",
+        "[::1:443",
+        "--cmd",
+        "true",
+    ]);
+    assert_one_line_failure(&o, "missing ']'");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 # dpkg-query, ~15 ms).
 #
 #   tests/testhost/install-deps.sh            # everything
-#   tests/testhost/install-deps.sh testhost   # QEMU 10, its firmware, busybox-static, cpio
+#   tests/testhost/install-deps.sh testhost   # QEMU 10, its firmware, busybox-static, cpio, passt
 #   tests/testhost/install-deps.sh rootfs     # busybox-static, e2fsprogs
 #   tests/testhost/install-deps.sh fuzzguest  # gcc, binutils (tests/fuzz-guest, built by tests/device_fuzz.rs)
 #
@@ -15,10 +15,11 @@ set -euo pipefail
 
 say() { echo "install-deps: $*" >&2; }
 
-# Package lists per use. seabios carries bios-microvm.bin, the firmware of QEMU's microvm machine.
+# Package lists per use. seabios carries bios-microvm.bin, the firmware of QEMU's microvm machine; passt is
+# vmm's user-mode network for --net (the test host runs this machine's binaries over 9p).
 packages_for() {
   case "$1" in
-    testhost) echo qemu-system-x86 seabios busybox-static cpio ;;
+    testhost) echo qemu-system-x86 seabios busybox-static cpio passt ;;
     rootfs) echo busybox-static e2fsprogs ;;
     fuzzguest) echo gcc binutils ;;
     *) say "unknown group '$1' (want testhost, rootfs or fuzzguest)"; exit 2 ;;

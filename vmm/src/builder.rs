@@ -24,6 +24,7 @@ use crate::config::{KernelFormat, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Devices};
 use crate::devices::legacy::{self, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::guest_ram::GuestMemory;
 use crate::printk::PrintkLog;
@@ -72,6 +73,10 @@ pub enum BuildError {
     Scratch(String),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Passt(#[from] crate::net::passt::PasstError),
+    #[error("the network device: {0}")]
+    Net(#[from] crate::devices::virtio::net::NetError),
 }
 
 /// Everything the running VM is made of.
@@ -90,6 +95,8 @@ pub struct Vm {
     pub observed: Observed,
     /// Host ranges of guest memory mapped from the kernel file (address, length).
     pub file_backed: Vec<(usize, usize)>,
+    /// With `--net`: the VM's passt, which exits when the network device's socket closes, or with vmm.
+    pub passt: Option<crate::net::passt::Passt>,
 }
 
 /// What the legacy devices record of the guest for the result and the trace.
@@ -161,6 +168,23 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         // the second virtio-blk disk the guest probes
         cmdline.insert_str("vmm.scratch=vdb")?;
     }
+    let passt = match &config.net {
+        Some(net) => {
+            let (passt, socket) = crate::net::passt::start(&net.passt)?;
+            let policy = crate::net::Policy::new(crate::net::passt::addresses(), net.allow.clone());
+            let device = Net::new(crate::net::passt::GUEST_MAC, socket, policy)?;
+            devices.add_virtio_device(
+                "virtio-net",
+                Arc::new(Mutex::new(device)),
+                &kvm,
+                &mem,
+                &mut cmdline,
+            )?;
+            timeline.mark("passt started");
+            Some(passt)
+        }
+        None => None,
+    };
 
     let initrd = if config.command.is_some() {
         // guest-init mounts the root image itself, under a private overlay
@@ -199,6 +223,7 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         control: Some(control),
         observed,
         file_backed,
+        passt,
     })
 }
 

@@ -48,6 +48,19 @@ pub enum ConfigError {
     Copy(&'static str, String, String),
     #[error("--copy-in and --copy-out need a command (--cmd, after --, or the image's)")]
     CopyWithoutCommand,
+    #[error(transparent)]
+    NetAllow(#[from] crate::net::AllowError),
+    #[error(transparent)]
+    Passt(#[from] crate::net::passt::PasstError),
+}
+
+/// `--net`: the guest gets a network device, its frames go through passt and the egress policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Empty: the default policy (public addresses and DNS). Otherwise only what these name.
+    pub allow: Vec<crate::net::AllowEntry>,
+    /// passt, found in PATH.
+    pub passt: PathBuf,
 }
 
 /// What to copy in before the command and out after it.
@@ -102,6 +115,8 @@ pub struct VmConfig {
     pub scratch_bytes: Option<u64>,
     /// Run even where /dev/kvm cannot run a standard kernel at a useful speed.
     pub allow_slow_host: bool,
+    /// None: no network device (only `lo` in the guest).
+    pub net: Option<NetConfig>,
 }
 
 /// The raw flags, as the command line parser produced them.
@@ -129,6 +144,10 @@ pub struct RawArgs {
     /// `GUEST_PATH:HOST_DIR`, repeatable.
     pub copy_out: Vec<String>,
     pub allow_slow_host: bool,
+    /// `--net`.
+    pub net: bool,
+    /// `--net-allow DEST`, repeatable; implies `--net`.
+    pub net_allow: Vec<String>,
     /// The config of the container image the rootfs came from (`--image`): its Env, WorkingDir,
     /// Entrypoint and Cmd apply as `docker run` applies them, flags override.
     pub image: Option<vmm_rootfs::ImageConfig>,
@@ -180,7 +199,8 @@ impl TryFrom<RawArgs> for VmConfig {
         }
 
         let command = command_spec(&raw)?;
-        let scratch_bytes = raw.scratch.map(|s| parse_size(&s)).transpose()?;
+        let scratch_bytes = raw.scratch.clone().map(|s| parse_size(&s)).transpose()?;
+        let net = net_config(&raw)?;
 
         Ok(VmConfig {
             kernel,
@@ -196,8 +216,23 @@ impl TryFrom<RawArgs> for VmConfig {
             trace_file: raw.trace,
             scratch_bytes,
             allow_slow_host: raw.allow_slow_host,
+            net,
         })
     }
+}
+
+/// `--net` and `--net-allow`: every entry parsed, and passt found, before anything starts.
+fn net_config(raw: &RawArgs) -> Result<Option<NetConfig>, ConfigError> {
+    if !raw.net && raw.net_allow.is_empty() {
+        return Ok(None);
+    }
+    let allow = raw
+        .net_allow
+        .iter()
+        .map(|d| crate::net::AllowEntry::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let passt = crate::net::passt::find().ok_or(crate::net::passt::PasstError::NotInstalled)?;
+    Ok(Some(NetConfig { allow, passt }))
 }
 
 /// The command to run, if any: `--cmd`, or argv after `--` (following the image's Entrypoint), or the
@@ -779,5 +814,28 @@ mod tests {
         }
         let e = refused(&[], &["/out:x".to_string()], false);
         assert!(e.contains("need a command"), "{e}");
+    }
+
+    #[test]
+    fn net_is_off_by_default_and_net_allow_is_checked_up_front() {
+        assert_eq!(VmConfig::try_from(raw()).unwrap().net, None);
+        let e = VmConfig::try_from(RawArgs {
+            net_allow: vec!["example.com".into(), "10.0.0.1/8".into()],
+            ..raw()
+        })
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::NetAllow(_)), "{e}");
+        assert!(
+            e.to_string().starts_with("--net-allow \"10.0.0.1/8\""),
+            "{e}"
+        );
+        // with passt installed, --net-allow implies --net; without, one line says what to install
+        match VmConfig::try_from(RawArgs {
+            net_allow: vec!["example.com:443".into(), "[2a00::1]:80".into()],
+            ..raw()
+        }) {
+            Ok(c) => assert_eq!(c.net.unwrap().allow.len(), 2),
+            Err(e) => assert!(e.to_string().contains("apt-get install passt"), "{e}"),
+        }
     }
 }

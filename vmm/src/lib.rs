@@ -15,6 +15,7 @@ pub mod guest_ram;
 pub mod initramfs;
 pub mod kernel_file;
 pub mod lifecycle;
+pub mod net;
 pub mod output_file;
 pub mod printk;
 pub mod report;

@@ -89,6 +89,13 @@ struct Cli {
     /// Go ahead on a host whose /dev/kvm cannot run a standard kernel at a useful speed (PVM)
     #[arg(long)]
     allow_slow_host: bool,
+    /// Give the guest a network through passt: outbound TCP and UDP to public addresses, and DNS
+    #[arg(long)]
+    net: bool,
+    /// Allow only DEST (host name, address or CIDR, with an optional :PORT; [IPV6]:PORT); repeatable,
+    /// implies --net. The only way to reach a private or link-local address is to name it
+    #[arg(long = "net-allow", value_name = "DEST")]
+    net_allow: Vec<String>,
     /// What vmm's seccomp filters do with a system call a thread has no business making: `trap` stops
     /// it and vmm (exit 125, one line), `kill` has the kernel kill vmm, `log` lets it run and logs it
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Mode::Trap)]
@@ -211,6 +218,8 @@ fn config_of(cli: Cli, timeout: Option<Duration>) -> Result<VmConfig, String> {
         copy_in: cli.copy_in,
         copy_out: cli.copy_out,
         allow_slow_host: cli.allow_slow_host,
+        net: cli.net,
+        net_allow: cli.net_allow,
         image,
         user_ids,
     };

@@ -70,6 +70,7 @@ pub fn report(
             .and_then(|d| d.counters.iter().find(|(n, _)| *n == name))
             .map_or(0, |(_, value)| *value)
     };
+    warn_of_policy_drops(&devices);
     let timings = Timings {
         setup: first_run.map(|t| ms(t - start)).unwrap_or(0.0),
         boot: match (&config.command, started) {
@@ -196,6 +197,31 @@ fn peak_rss_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// One line on stderr if the network policy dropped any frame the guest sent, with the reasons, so
+/// that a build failing to download says why without --result.
+fn warn_of_policy_drops(devices: &[crate::device_manager::DeviceReport]) {
+    let Some(net) = devices.iter().find(|d| d.name == "virtio-net") else {
+        return;
+    };
+    let total = net
+        .counters
+        .iter()
+        .find(|(n, _)| *n == "tx_dropped")
+        .map_or(0, |(_, v)| *v);
+    if total == 0 {
+        return;
+    }
+    let reasons: Vec<String> = net
+        .counters
+        .iter()
+        .filter_map(|(n, v)| Some(format!("{} {v}", n.strip_prefix("dropped_")?)))
+        .collect();
+    eprintln!(
+        "vmm: the network policy dropped {total} frames the guest sent ({})",
+        reasons.join(", ")
+    );
 }
 
 #[cfg(test)]

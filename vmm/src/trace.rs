@@ -127,6 +127,19 @@ pub fn build(input: &TraceInput) -> Value {
     events.push(
         json!({"name": "bytes", "ph": "C", "pid": HOST_PID, "tid": 1, "ts": end_ts, "args": bytes}),
     );
+    // With --net: frames and bytes each way, and the frames the policy dropped, by reason.
+    let network: Option<serde_json::Map<String, Value>> =
+        r.devices.iter().find(|d| d.name == "virtio-net").map(|d| {
+            d.counters
+                .iter()
+                .map(|(n, v)| ((*n).to_string(), json!(v)))
+                .collect()
+        });
+    if let Some(network) = &network {
+        events.push(
+            json!({"name": "network", "ph": "C", "pid": HOST_PID, "tid": 1, "ts": end_ts, "args": network}),
+        );
+    }
 
     json!({
         "traceEvents": events,
@@ -137,6 +150,7 @@ pub fn build(input: &TraceInput) -> Value {
             "exits": exits,
             "bytes": bytes,
             "timings_ms": r.timings_ms,
+            "network": network,
         },
     })
 }
