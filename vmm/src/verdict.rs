@@ -150,3 +150,110 @@ fn guest_ended(config: &VmConfig, end: &GuestEnd, control: Option<&ControlState>
         format!("the guest never came up: it {how} before guest-init connected (run with --console to see its kernel log)")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use vmm_protocol::ErrorKind;
+
+    use super::*;
+    use crate::config::{CommandSpec, KernelFormat};
+
+    fn config(command: bool) -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::new(),
+            kernel_format: KernelFormat::Elf,
+            rootfs: PathBuf::new(),
+            mem_mib: 128,
+            vcpus: 1,
+            console: false,
+            append: String::new(),
+            command: command.then(|| CommandSpec {
+                argv: vec!["true".into()],
+                env: Vec::new(),
+                workdir: "/".into(),
+                uid: 0,
+                gid: 0,
+                transfers: Default::default(),
+            }),
+            timeout: Some(Duration::from_secs(3)),
+            result_file: None,
+            trace_file: None,
+            scratch_bytes: None,
+            allow_slow_host: false,
+            net: None,
+        }
+    }
+
+    fn state(outcome: Outcome, copy_out_errors: &[&str]) -> ControlState {
+        ControlState {
+            outcome: Some(outcome),
+            connected_at: Some(Instant::now()),
+            copy_out_errors: copy_out_errors.iter().map(|e| e.to_string()).collect(),
+            ..ControlState::default()
+        }
+    }
+
+    #[test]
+    fn the_commands_status_is_vmms_unless_its_artifacts_went_missing() {
+        let c = config(true);
+        let exited = |code, errors: &[&str]| {
+            conclude(
+                &c,
+                &Decision::Command,
+                Some(&state(Outcome::Exited(ExitStatus::Code(code)), errors)),
+            )
+        };
+        let v = exited(3, &[]);
+        assert_eq!((v.exit_code, v.status), (3, Some(CommandStatus::Code(3))));
+        assert_eq!(v.error, None);
+        let v = exited(0, &["copy-out of /out: gone"]);
+        assert_eq!(v.exit_code, EXIT_VMM_FAILED);
+        assert_eq!(v.error.as_deref(), Some("copy-out of /out: gone"));
+        // a failed command keeps its own status
+        assert_eq!(exited(2, &["copy-out of /out: gone"]).exit_code, 2);
+        let v = conclude(
+            &c,
+            &Decision::Command,
+            Some(&state(Outcome::Exited(ExitStatus::Signal(9)), &[])),
+        );
+        assert_eq!(v.exit_code, 137);
+    }
+
+    #[test]
+    fn timeouts_signals_and_vmms_own_failures_have_their_codes() {
+        let c = config(true);
+        let running = state(Outcome::Exited(ExitStatus::Code(0)), &[]);
+        let v = conclude(&c, &Decision::Timeout, Some(&running));
+        assert_eq!(
+            (v.exit_code, v.end.clone()),
+            (EXIT_TIMEOUT, EndReason::Timeout)
+        );
+        assert!(v.error.is_some_and(|e| e.contains("after 3 s")));
+        let v = conclude(&c, &Decision::Signal(15), None);
+        assert_eq!((v.exit_code, v.end), (143, EndReason::Signal(15)));
+        let not_found = state(Outcome::Failed(ErrorKind::NotFound, "nope".into()), &[]);
+        assert_eq!(
+            conclude(&c, &Decision::Command, Some(&not_found)).exit_code,
+            EXIT_NOT_FOUND
+        );
+        let v = conclude(&c, &Decision::BootTimeout, None);
+        assert_eq!(v.exit_code, EXIT_VMM_FAILED);
+        assert!(matches!(v.end, EndReason::GuestFailed(_)));
+    }
+
+    #[test]
+    fn a_boot_only_run_ends_well_on_reset_and_badly_on_a_triple_fault() {
+        let c = config(false);
+        let v = conclude(&c, &Decision::Guest(GuestEnd::Reset), None);
+        assert_eq!((v.exit_code, v.end), (0, EndReason::GuestEnded));
+        let v = conclude(&c, &Decision::Guest(GuestEnd::Shutdown), None);
+        assert_eq!(v.exit_code, EXIT_VMM_FAILED);
+        assert!(v.error.is_some_and(|e| e.contains("triple-faulted")));
+        // with a command, a reset before the status is a failure that says whether init came up
+        let v = conclude(&config(true), &Decision::Guest(GuestEnd::Reset), None);
+        assert!(v.error.is_some_and(|e| e.contains("never came up")));
+    }
+}
