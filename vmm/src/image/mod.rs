@@ -23,6 +23,8 @@
 
 mod error;
 mod ext4;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod layer;
 mod source;
 mod tree;
