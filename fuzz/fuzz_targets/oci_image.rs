@@ -147,7 +147,11 @@ fuzz_target!(|data: &[u8]| {
     };
 
     let staging = (mode & 8 == 0).then_some(arena.root.as_path());
-    match vmm::image::fuzzing::plan_and_unpack(&src, &scratch, staging, MAX_TOTAL) {
+    let result = vmm::image::fuzzing::plan_and_unpack(&src, &scratch, staging, MAX_TOTAL);
+    if vmm_fuzz::verbose() {
+        eprintln!("oci_image: {result:?}");
+    }
+    match result {
         Ok((_kind, digest, _layers)) => {
             assert!(
                 digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),

@@ -46,6 +46,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let result = receive_copy_out(first, &mut stream, "/guest/out", &arena.root);
+    if vmm_fuzz::verbose() {
+        eprintln!("tar_copy_out: {result:?}");
+    }
     let error = match &result {
         Ok(_) => None,
         Err(CopyOutError::Failed(why) | CopyOutError::Protocol(why)) => Some(why.as_str()),

@@ -77,6 +77,9 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let result = vmm::image::fuzzing::apply_layers(&arena.root, &layers, MAX_TOTAL);
+    if vmm_fuzz::verbose() {
+        eprintln!("tar_layer: {result:?}");
+    }
     let error = result.err().map(|e| e.to_string());
     arena.check(error.as_deref());
 });

@@ -127,3 +127,10 @@ impl Default for Arena {
         Self::new()
     }
 }
+
+/// Whether `VMM_FUZZ_VERBOSE` is set: the targets then print what each input came to (to check that
+/// seeds reach as deep as meant: `VMM_FUZZ_VERBOSE=1 cargo fuzz run TARGET corpus/TARGET/seed-*`).
+pub fn verbose() -> bool {
+    static VERBOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VERBOSE.get_or_init(|| std::env::var_os("VMM_FUZZ_VERBOSE").is_some())
+}
