@@ -26,6 +26,8 @@
 
 mod error;
 mod ext4;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host_tool;
 pub mod layer;
 mod source;
