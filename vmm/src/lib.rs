@@ -8,6 +8,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod fault_dump;
 pub mod guest_ram;
 pub mod host_tool;
 pub mod image;

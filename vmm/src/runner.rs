@@ -468,6 +468,7 @@ pub fn run(
         exits: summarize_exits(&exit_counts),
         peak_rss_kib: peak_rss_kib(),
         guest_resident_kib: resident_kib(&vm.mem, &vm.file_backed),
+        triple_fault: fault_dump(&vm.end, &vm.block, &vm.vsock),
     };
     if let Some(path) = &config.trace_file {
         let printk = vm.printk.lock().unwrap_or_else(|p| p.into_inner());
@@ -495,6 +496,26 @@ pub fn run(
             .map_err(|e| RunError::Trace(path.display().to_string(), e))?;
     }
     Ok(result)
+}
+
+/// The guest's state and the virtio queues', if a vCPU triple-faulted.
+fn fault_dump(
+    end: &vcpu::VmEnd,
+    block: &Mutex<crate::devices::virtio::block::Block>,
+    vsock: &Mutex<crate::devices::virtio::vsock::Vsock>,
+) -> Option<crate::fault_dump::FaultDump> {
+    let vcpu = end.fault.take()?;
+    let mut queues = block
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .queue_dumps("virtio-blk");
+    queues.extend(
+        vsock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_dumps(),
+    );
+    Some(crate::fault_dump::FaultDump { vcpu, queues })
 }
 
 /// When the guest reached each milestone, on the host clock: the timestamp device's stamps where the

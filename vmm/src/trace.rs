@@ -208,6 +208,7 @@ mod tests {
             }],
             peak_rss_kib: 0,
             guest_resident_kib: 0,
+            triple_fault: None,
         }
     }
 

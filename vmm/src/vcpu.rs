@@ -30,6 +30,8 @@ pub enum GuestEnd {
 pub struct VmEnd {
     reason: Mutex<Option<GuestEnd>>,
     event: EventFd,
+    /// The guest's state at a triple fault, for `--result`.
+    pub fault: crate::fault_dump::FaultSlot,
 }
 
 impl VmEnd {
@@ -37,6 +39,7 @@ impl VmEnd {
         Ok(VmEnd {
             reason: Mutex::new(None),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
+            fault: Default::default(),
         })
     }
 
@@ -212,6 +215,8 @@ fn run_loop(
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
                 count(ExitKind::Other("shutdown"));
+                // a triple fault: keep what KVM can still tell about the guest (see fault_dump)
+                end.fault.record(crate::fault_dump::capture(vcpu));
                 end.report(GuestEnd::Shutdown);
                 break;
             }

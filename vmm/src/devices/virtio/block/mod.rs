@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::fault_dump::{dump_queue, QueueDump, RecentUsed};
 pub use disk::DiskError;
 use disk::{Disk, DiskIoError};
 use request::{
@@ -107,6 +108,8 @@ struct ActiveQueue {
     mem: GuestMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
+    /// The last used entries written, for the dump at a triple fault.
+    recent: RecentUsed,
 }
 
 impl Block {
@@ -154,6 +157,13 @@ impl Block {
         self.stats
     }
 
+    /// The request queue as it is now, for the dump at a triple fault (none before activation).
+    pub fn queue_dumps(&self, device: &str) -> Vec<QueueDump> {
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            vec![dump_queue(device, "requests", &a.queue, &a.mem, &a.recent)]
+        })
+    }
+
     /// Size of the disk in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.capacity()
@@ -171,6 +181,7 @@ impl Block {
                 break;
             };
             let head = chain.head_index();
+            let first = chain.clone().next().map_or(0, |d| d.addr().0);
             let used_len = serve(
                 &self.disk,
                 &self.serial,
@@ -182,6 +193,9 @@ impl Block {
             completed += 1;
             // Fails only for a head index past the queue size, which the driver made up: the chain is
             // consumed either way, and there is no used slot to report it in.
+            active
+                .recent
+                .record(active.queue.next_used(), head, used_len, first);
             let _ = active.queue.add_used(&active.mem, head, used_len);
         }
         if completed == MAX_CHAINS_PER_WAKE {
@@ -363,6 +377,7 @@ impl VirtioDevice for Block {
             mem,
             queue,
             interrupt,
+            recent: RecentUsed::default(),
         });
         Ok(())
     }

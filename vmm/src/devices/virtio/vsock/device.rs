@@ -23,6 +23,7 @@ use super::{
 use crate::devices::virtio::{
     ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::fault_dump::{dump_queue, QueueDump, RecentUsed};
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
@@ -40,6 +41,9 @@ struct Active {
     /// as the VM is never migrated or snapshotted).
     _event: Queue,
     interrupt: Arc<Interrupt>,
+    /// The last used entries written on rx and tx, for the dump at a triple fault.
+    rx_recent: RecentUsed,
+    tx_recent: RecentUsed,
 }
 
 /// The virtio-vsock device. See the module documentation of [`super`].
@@ -94,6 +98,17 @@ impl Vsock {
     /// Tx chains the guest queued that were not valid packets.
     pub fn malformed_packets(&self) -> u64 {
         self.malformed_packets
+    }
+
+    /// The rx and tx queues as they are now, for the dump at a triple fault (none before activation).
+    pub fn queue_dumps(&self) -> Vec<QueueDump> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        vec![
+            dump_queue("virtio-vsock", "rx", &a.rx, &a.mem, &a.rx_recent),
+            dump_queue("virtio-vsock", "tx", &a.tx, &a.mem, &a.tx_recent),
+        ]
     }
 
     /// Connections currently open.
@@ -159,8 +174,12 @@ impl Vsock {
             }
             budget -= 1;
             let head = chain.head_index();
+            let first = first_buffer(&chain);
             let parsed = read_tx_packet(mem, chain, &mut self.tx_payload);
             // The payload has been copied out: the buffer goes back to the guest first.
+            active
+                .tx_recent
+                .record(active.tx.next_used(), head, 0, first);
             if active.tx.add_used(mem, head, 0).is_err() {
                 // The used ring is not writable: the queue is unusable until the driver resets it.
                 break;
@@ -201,6 +220,7 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
+            let first = first_buffer(&chain);
             let used_len = match chain.writer(mem) {
                 Ok(mut writer) if packet::payload_capacity(&writer).is_some() => {
                     match self.muxer.fill_rx(&mut writer) {
@@ -216,6 +236,9 @@ impl Vsock {
                 // back empty rather than stall on it.
                 _ => 0,
             };
+            active
+                .rx_recent
+                .record(active.rx.next_used(), head, used_len, first);
             if active.rx.add_used(mem, head, used_len).is_err() {
                 break;
             }
@@ -225,6 +248,11 @@ impl Vsock {
             notify(&mut active.rx, mem, &active.interrupt);
         }
     }
+}
+
+/// The guest address of a chain's first buffer (0 if it has none), for the fault dump.
+fn first_buffer(chain: &virtio_queue::DescriptorChain<&GuestMemory>) -> u64 {
+    chain.clone().next().map_or(0, |d| d.addr().0)
 }
 
 /// Reads a packet off a tx chain into `payload`. On error, returns the header if it could be read (so
@@ -293,6 +321,8 @@ impl VirtioDevice for Vsock {
             tx,
             _event: event,
             interrupt: ctx.interrupt,
+            rx_recent: RecentUsed::default(),
+            tx_recent: RecentUsed::default(),
         });
         Ok(())
     }
