@@ -252,28 +252,31 @@ pub struct UsedEntry {
     pub first_buffer: String,
 }
 
-/// The last [`RECENT_USED`] used entries a queue's device wrote, oldest first.
+/// The last [`RECENT_USED`] used entries a queue's device wrote, oldest first. Recording is on the I/O
+/// path (once per used entry), so it stores plain integers and formats nothing until a dump asks.
 #[derive(Debug, Clone, Default)]
 pub struct RecentUsed {
-    entries: [Option<UsedEntry>; RECENT_USED],
+    /// (used_idx, head, len, first buffer's guest address)
+    entries: [Option<(u16, u16, u32, u64)>; RECENT_USED],
     next: usize,
 }
 
 impl RecentUsed {
     /// Remembers an entry that is about to be added at `used_idx`.
     pub fn record(&mut self, used_idx: u16, head: u16, len: u32, first_buffer: u64) {
-        self.entries[self.next % RECENT_USED] = Some(UsedEntry {
-            used_idx,
-            head,
-            len,
-            first_buffer: hex(first_buffer),
-        });
+        self.entries[self.next % RECENT_USED] = Some((used_idx, head, len, first_buffer));
         self.next = self.next.wrapping_add(1);
     }
 
     pub fn entries(&self) -> Vec<UsedEntry> {
         (0..RECENT_USED)
-            .filter_map(|i| self.entries[(self.next + i) % RECENT_USED].clone())
+            .filter_map(|i| self.entries[(self.next + i) % RECENT_USED])
+            .map(|(used_idx, head, len, first)| UsedEntry {
+                used_idx,
+                head,
+                len,
+                first_buffer: hex(first),
+            })
             .collect()
     }
 }
