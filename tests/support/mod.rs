@@ -40,15 +40,16 @@ pub fn require_artifacts() {
     }
 }
 
-/// Runs vmm to its end. One retry when the guest crashed with a triple fault: in the emulated KVM test
-/// host (nested SVM under QEMU TCG) a guest occasionally triple-faults under load, a known problem of that
-/// environment under investigation (see the notes on the run issue); a deterministic failure still fails.
+/// Runs vmm to its end. One retry when the guest crashed with a triple fault: a workaround for the
+/// emulated KVM test host (nested SVM under QEMU TCG), where guests have triple-faulted under load and the
+/// test host's own kernel has crashed. No such failure was ever traced to vmm: see
+/// tests/testhost/TRIPLE-FAULT.md. A deterministic failure still fails.
 pub fn run(cmd: &mut Command) -> Output {
     require_artifacts();
     let first = output_unless_hung(cmd);
     if code(&first) == 125 && stderr(&first).contains("triple-fault") {
         eprintln!(
-            "warning: the guest triple-faulted; retrying once: {}",
+            "warning: the guest triple-faulted; retrying once (the test host's known problem, see tests/testhost/TRIPLE-FAULT.md): {}",
             stderr(&first).trim()
         );
         return output_unless_hung(cmd);

@@ -102,6 +102,20 @@ impl DeviceRegistry {
         &self.windows
     }
 
+    /// Every virtio device's queues, for the dump at a triple fault.
+    pub fn queue_dumps(&self) -> Vec<crate::fault_dump::QueueDump> {
+        self.windows
+            .iter()
+            .zip(&self.virtio)
+            .flat_map(|(info, device)| {
+                device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .queue_dumps(&info.name)
+            })
+            .collect()
+    }
+
     /// Each virtio device's counters, now.
     pub fn reports(&self) -> Vec<DeviceReport> {
         self.windows

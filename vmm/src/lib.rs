@@ -11,6 +11,7 @@ pub mod copy_sandbox;
 pub mod device_manager;
 pub mod devices;
 pub mod exit_code;
+pub mod fault_dump;
 pub mod guest_ram;
 pub mod initramfs;
 pub mod kernel_file;

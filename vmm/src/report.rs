@@ -106,6 +106,14 @@ pub fn report(
         devices,
         peak_rss_kib: peak_rss_kib(),
         guest_resident_kib: crate::guest_ram::resident_kib(&vm.mem, &vm.file_backed),
+        triple_fault: vm
+            .end
+            .fault
+            .take()
+            .map(|vcpu| crate::fault_dump::FaultDump {
+                vcpu,
+                queues: vm.devices.registry.queue_dumps(),
+            }),
     };
     if let (Some(out), Some(path)) = (trace_out, &config.trace_file) {
         let trace = TraceParts {

@@ -60,6 +60,9 @@ pub struct RunResult {
     pub peak_rss_kib: u64,
     /// Guest memory that is resident at the end: what the guest touched.
     pub guest_resident_kib: u64,
+    /// Only when the guest triple-faulted: its state and the virtio queues' (see fault_dump.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triple_fault: Option<crate::fault_dump::FaultDump>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -7,8 +7,10 @@
 //! - `vmm`, the main thread: the event loop (virtio queues: block I/O, vsock), signals, timers, vCPU
 //!   kicks, the teardown, the result and trace files. Adds epoll, timerfd, file and socket I/O,
 //!   `socketpair(AF_UNIX)`, `tgkill(SIGRTMIN)` to our own threads, opening files. No KVM ioctl.
-//! - `vcpu`: `ioctl(KVM_RUN)` and nothing else of KVM; the devices' port and MMIO handlers write eventfds
-//!   and the console, and shut vsock streams down when the driver resets the device.
+//! - `vcpu`: `ioctl(KVM_RUN)`, and after a triple fault the three read-only ioctls that report the
+//!   guest's state (`KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_VCPU_EVENTS`, see `fault_dump.rs`), nothing
+//!   else of KVM; the devices' port and MMIO handlers write eventfds and the console, and shut vsock
+//!   streams down when the driver resets the device.
 //! - `control`: the guest-init protocol on its Unix socket, the command's stdout and stderr, copying
 //!   files in and out of the VM (ordinary file-system calls), starting the stdin thread (threads, never a
 //!   process: `clone` only with pthread's flags, `clone3` answers ENOSYS).
@@ -249,6 +251,25 @@ type Built<T> = Result<T, seccompiler::BackendError>;
 mod kvm {
     // KVM_RUN = _IO(KVMIO, 0x80), as linux/kvm.h defines it
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+    // read by a vCPU thread after a triple fault, for --result (fault_dump.rs)
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_REGS,
+        kvm_bindings::KVMIO,
+        0x81,
+        kvm_bindings::kvm_regs
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_SREGS,
+        kvm_bindings::KVMIO,
+        0x83,
+        kvm_bindings::kvm_sregs
+    );
+    vmm_sys_util::ioctl_ior_nr!(
+        KVM_GET_VCPU_EVENTS,
+        kvm_bindings::KVMIO,
+        0x9f,
+        kvm_bindings::kvm_vcpu_events
+    );
 }
 
 /// The allowlist of `thread`.
@@ -478,7 +499,13 @@ fn publish_in(dirs: &[u64]) -> Built<Vec<(i64, Vec<SeccompRule>)>> {
 /// resets the device.
 fn vcpu() -> Built<Vec<(i64, Vec<SeccompRule>)>> {
     let mut list = any(&[libc::SYS_shutdown]);
-    list.push(allow_ioctls(&[kvm::KVM_RUN()])?);
+    // and, once the guest has triple-faulted, reading its state for the result (read-only)
+    list.push(allow_ioctls(&[
+        kvm::KVM_RUN(),
+        kvm::KVM_GET_REGS(),
+        kvm::KVM_GET_SREGS(),
+        kvm::KVM_GET_VCPU_EVENTS(),
+    ])?);
     Ok(list)
 }
 

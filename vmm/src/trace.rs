@@ -184,6 +184,7 @@ mod tests {
             devices: Vec::new(),
             peak_rss_kib: 0,
             guest_resident_kib: 0,
+            triple_fault: None,
         }
     }
 

@@ -220,6 +220,8 @@ fn run_until_stopped(
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => {
                 count(ExitKind::Other("shutdown"));
+                // a triple fault: keep what KVM can still tell about the guest (see fault_dump)
+                end.fault.record(crate::fault_dump::capture(vcpu));
                 end.report(GuestEnd::Shutdown);
                 break;
             }

@@ -21,6 +21,8 @@ pub enum GuestEnd {
 pub struct VmEnd {
     reason: Mutex<Option<GuestEnd>>,
     event: EventFd,
+    /// The guest's state at a triple fault, for `--result`.
+    pub fault: crate::fault_dump::FaultSlot,
 }
 
 impl VmEnd {
@@ -28,6 +30,7 @@ impl VmEnd {
         Ok(VmEnd {
             reason: Mutex::new(None),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
+            fault: Default::default(),
         })
     }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the null guest: an ELF64 x86_64 file with a PVH entry whose code ends the VM at once.
 
-    tests/bench/null-guest/mkelf.py [--spin] OUT.elf
+    tests/bench/null-guest/mkelf.py [--spin | --triple-fault] OUT.elf
 
 The guest is entered by the PVH boot protocol (32-bit protected mode, paging off) at ENTRY and runs
 
@@ -12,6 +12,16 @@ The guest is entered by the PVH boot protocol (32-bit protected mode, paging off
 
 With --spin the code is only `1: hlt; jmp 1b`: a guest that never ends, so that a benchmark can look at
 the VMM's memory (/proc/PID/status) while the VM runs.
+
+With --triple-fault the code is
+
+    mov $0x7f1e5eed, %eax   # b8 ed 5e 1e 7f   a value to find in the dump
+    mov $0x8000, %esp       # bc 00 80 00 00
+    ud2                     # 0f 0b            #UD -> #GP -> #DF -> shutdown
+
+The boot IDT that a VMM gives a PVH guest is empty (limit 7 or 0): the #UD cannot be delivered, nor the #GP
+that follows, nor the double fault: the vCPU shuts down, a triple fault, which vmm reports with the guest's
+state in --result (fault_dump.rs).
 
 Layout: ELF header, two program headers (PT_LOAD of the code at physical ENTRY, which is the 1 MiB himem
 start that linux-loader requires; PT_NOTE with the Xen PVH note), the note, then the code at file offset
@@ -25,6 +35,7 @@ import sys
 ENTRY = 0x100000
 CODE = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
 SPIN = bytes([0xF4, 0xEB, 0xFD])
+TRIPLE_FAULT = bytes([0xB8, 0xED, 0x5E, 0x1E, 0x7F, 0xBC, 0x00, 0x80, 0x00, 0x00, 0x0F, 0x0B])
 CODE_OFFSET = 0x1000
 
 EHDR_SIZE = 64
@@ -69,16 +80,18 @@ def image(code: bytes = CODE) -> bytes:
 
 def main() -> int:
     args = sys.argv[1:]
-    spin = args[:1] == ["--spin"]
-    if spin:
-        args = args[1:]
+    code = CODE
+    if args[:1] == ["--spin"]:
+        code, args = SPIN, args[1:]
+    elif args[:1] == ["--triple-fault"]:
+        code, args = TRIPLE_FAULT, args[1:]
     if len(args) != 1:
-        print(f"usage: {sys.argv[0]} [--spin] OUT.elf", file=sys.stderr)
+        print(f"usage: {sys.argv[0]} [--spin | --triple-fault] OUT.elf", file=sys.stderr)
         return 2
     out = args[0]
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(image(SPIN if spin else CODE))
+        f.write(image(code))
     os.replace(tmp, out)
     return 0
 

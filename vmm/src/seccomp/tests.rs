@@ -111,6 +111,32 @@ fn every_filter_compiles_in_every_mode() {
 #[test]
 fn kvm_run_is_the_request_number_of_linux_kvm_h() {
     assert_eq!(kvm::KVM_RUN(), 0xae80);
+    // _IOR(KVMIO, nr, struct): the sizes of kvm_regs (144), kvm_sregs (312), kvm_vcpu_events (64)
+    assert_eq!(kvm::KVM_GET_REGS(), 0x8090_ae81);
+    assert_eq!(kvm::KVM_GET_SREGS(), 0x8138_ae83);
+    assert_eq!(kvm::KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
+}
+
+#[test]
+fn vcpu_may_read_the_guest_state_after_a_triple_fault() {
+    let fd = eventfd();
+    let end = in_child(Thread::Vcpu, Mode::Trap, || {
+        let mut buf = [0u8; 512];
+        for request in [
+            kvm::KVM_GET_REGS(),
+            kvm::KVM_GET_SREGS(),
+            kvm::KVM_GET_VCPU_EVENTS(),
+        ] {
+            // SAFETY: the buffer is larger than any of the three structures; the kernel refuses the
+            // request on an eventfd before it touches it.
+            let rc = unsafe { libc::ioctl(fd, request, buf.as_mut_ptr()) };
+            if rc != -1 || errno() != libc::ENOTTY {
+                return 1;
+            }
+        }
+        DONE
+    });
+    assert_eq!(end.0, End::Exited(DONE), "{}", end.1);
 }
 
 #[test]

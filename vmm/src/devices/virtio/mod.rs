@@ -192,6 +192,12 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
         Vec::new()
     }
 
+    /// The device's queues as they are now (indices and the last used entries written), named
+    /// `name`, for the dump at a triple fault; none before activation.
+    fn queue_dumps(&self, _name: &str) -> Vec<crate::fault_dump::QueueDump> {
+        Vec::new()
+    }
+
     /// Stops serving the queues, after the driver wrote 0 to Status. Returns false if the device cannot be
     /// reset, in which case the transport sets DEVICE_NEEDS_RESET and the device stays as it is.
     fn reset(&mut self) -> bool {

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::fault_dump::{dump_queue, QueueDump, RecentUsed};
 pub use disk::DiskError;
 use disk::{Disk, DiskIoError};
 use request::{
@@ -113,6 +114,8 @@ struct ActiveQueue {
     interrupt: Arc<Interrupt>,
     /// VIRTIO_RING_F_INDIRECT_DESC was negotiated (never, as it is not offered)
     indirect: bool,
+    /// The last used entries written, for the dump at a triple fault.
+    recent: RecentUsed,
 }
 
 impl Block {
@@ -177,28 +180,33 @@ impl Block {
             else {
                 break;
             };
-            let (head, used_len) = match popped {
-                Ok(chain) => (
-                    chain.head_index(),
-                    serve(
+            let (head, used_len, first) = match popped {
+                Ok(chain) => {
+                    let head = chain.head_index();
+                    let first = chain.clone().next().map_or(0, |d| d.addr().0);
+                    let used_len = serve(
                         &self.disk,
                         &self.serial,
                         &active.mem,
                         chain,
                         &mut self.stats,
                         &mut self.reported_io_error,
-                    ),
-                ),
+                    );
+                    (head, used_len, first)
+                }
                 Err(head) => {
                     // not followed, so there is no status byte to write
                     self.stats.requests += 1;
                     self.stats.failed_requests += 1;
-                    (head, 0)
+                    (head, 0, 0)
                 }
             };
             completed += 1;
             // Fails only for a head index past the queue size, which the driver made up: the chain is
             // consumed either way, and there is no used slot to report it in.
+            active
+                .recent
+                .record(active.queue.next_used(), head, used_len, first);
             let _ = active.queue.add_used(&active.mem, head, used_len);
         }
         if completed == MAX_CHAINS_PER_WAKE {
@@ -329,6 +337,12 @@ impl VirtioDevice for Block {
         VIRTIO_ID_BLOCK
     }
 
+    fn queue_dumps(&self, name: &str) -> Vec<QueueDump> {
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            vec![dump_queue(name, "requests", &a.queue, &a.mem, &a.recent)]
+        })
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = self.stats;
         vec![
@@ -389,6 +403,7 @@ impl VirtioDevice for Block {
             queue,
             interrupt,
             indirect: super::indirect_negotiated(acked_features),
+            recent: RecentUsed::default(),
         });
         Ok(())
     }

@@ -24,6 +24,7 @@ use crate::devices::virtio::{
     indirect_negotiated, pop_chain, ActivateContext, ActivateError, GuestMemory, Interrupt,
     VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::fault_dump::{dump_queue, QueueDump, RecentUsed};
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
@@ -43,6 +44,9 @@ struct Active {
     interrupt: Arc<Interrupt>,
     /// VIRTIO_RING_F_INDIRECT_DESC was negotiated (never, as it is not offered)
     indirect: bool,
+    /// The last used entries written on rx and tx, for the dump at a triple fault.
+    rx_recent: RecentUsed,
+    tx_recent: RecentUsed,
 }
 
 /// The virtio-vsock device. See the module documentation of [`super`].
@@ -162,14 +166,18 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let (head, parsed) = match popped {
+            let (head, first, parsed) = match popped {
                 Ok(chain) => (
                     chain.head_index(),
+                    first_buffer(&chain),
                     read_tx_packet(mem, chain, &mut self.tx_payload),
                 ),
-                Err(head) => (head, Err(None)),
+                Err(head) => (head, 0, Err(None)),
             };
             // The payload has been copied out: the buffer goes back to the guest first.
+            active
+                .tx_recent
+                .record(active.tx.next_used(), head, 0, first);
             if active.tx.add_used(mem, head, 0).is_err() {
                 // The used ring is not writable: the queue is unusable until the driver resets it.
                 break;
@@ -209,9 +217,13 @@ impl Vsock {
                 // Out of buffers: the guest's next rx kick resumes.
                 break;
             };
-            let (head, writer) = match popped {
-                Ok(chain) => (chain.head_index(), chain.writer(mem).ok()),
-                Err(head) => (head, None),
+            let (head, first, writer) = match popped {
+                Ok(chain) => (
+                    chain.head_index(),
+                    first_buffer(&chain),
+                    chain.writer(mem).ok(),
+                ),
+                Err(head) => (head, 0, None),
             };
             let used_len = match writer {
                 Some(mut writer) if packet::payload_capacity(&writer).is_some() => {
@@ -228,6 +240,9 @@ impl Vsock {
                 // back empty rather than stall on it.
                 _ => 0,
             };
+            active
+                .rx_recent
+                .record(active.rx.next_used(), head, used_len, first);
             if active.rx.add_used(mem, head, used_len).is_err() {
                 break;
             }
@@ -237,6 +252,11 @@ impl Vsock {
             notify(&mut active.rx, mem, &active.interrupt);
         }
     }
+}
+
+/// The guest address of a chain's first buffer (0 if it has none), for the fault dump.
+fn first_buffer(chain: &virtio_queue::DescriptorChain<&GuestMemory>) -> u64 {
+    chain.clone().next().map_or(0, |d| d.addr().0)
 }
 
 /// Reads a packet off a tx chain into `payload`. On error, returns the header if it could be read (so
@@ -265,6 +285,16 @@ fn notify(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
+    }
+
+    fn queue_dumps(&self, name: &str) -> Vec<QueueDump> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        vec![
+            dump_queue(name, "rx", &a.rx, &a.mem, &a.rx_recent),
+            dump_queue(name, "tx", &a.tx, &a.mem, &a.tx_recent),
+        ]
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -315,6 +345,8 @@ impl VirtioDevice for Vsock {
             _event: event,
             interrupt: ctx.interrupt,
             indirect: indirect_negotiated(ctx.acked_features),
+            rx_recent: RecentUsed::default(),
+            tx_recent: RecentUsed::default(),
         });
         Ok(())
     }
