@@ -136,55 +136,10 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
     let mut devices = DeviceManager::default();
     add_legacy_devices(config, &kvm, &mut devices, &end, &observed, &mut cmdline)?;
 
-    let root = Block::new(open_read_only(&config.rootfs)?, true)
-        .map_err(|e| BuildError::Block("the root image", e))?;
-    devices.add_virtio_device(
-        "virtio-blk",
-        Arc::new(Mutex::new(root)),
-        &kvm,
-        &mem,
-        &mut cmdline,
-    )?;
-    let (control_tx, control) = channel();
-    let listeners = HashMap::from([(vmm_protocol::CONTROL_PORT, control_tx)]);
-    let vsock = Vsock::new(GUEST_CID, listeners).map_err(BuildError::Vsock)?;
-    devices.add_virtio_device(
-        "virtio-vsock",
-        Arc::new(Mutex::new(vsock)),
-        &kvm,
-        &mem,
-        &mut cmdline,
-    )?;
-    if let Some(size) = config.scratch_bytes {
-        let disk = Block::new(scratch_disk(size)?, false)
-            .map_err(|e| BuildError::Block("the scratch disk", e))?;
-        devices.add_virtio_device(
-            "virtio-blk scratch",
-            Arc::new(Mutex::new(disk)),
-            &kvm,
-            &mem,
-            &mut cmdline,
-        )?;
-        // the second virtio-blk disk the guest probes
-        cmdline.insert_str("vmm.scratch=vdb")?;
+    let (control, passt) = add_virtio_devices(config, &kvm, &mem, &mut devices, &mut cmdline)?;
+    if passt.is_some() {
+        timeline.mark("passt started");
     }
-    let passt = match &config.net {
-        Some(net) => {
-            let (passt, socket) = crate::net::passt::start(&net.passt)?;
-            let policy = crate::net::Policy::new(crate::net::passt::addresses(), net.allow.clone());
-            let device = Net::new(crate::net::passt::GUEST_MAC, socket, policy)?;
-            devices.add_virtio_device(
-                "virtio-net",
-                Arc::new(Mutex::new(device)),
-                &kvm,
-                &mem,
-                &mut cmdline,
-            )?;
-            timeline.mark("passt started");
-            Some(passt)
-        }
-        None => None,
-    };
 
     let initrd = if config.command.is_some() {
         // guest-init mounts the root image itself, under a private overlay
@@ -225,6 +180,61 @@ pub fn build(config: &VmConfig, init: &[u8], timeline: &mut Timeline) -> Result<
         file_backed,
         passt,
     })
+}
+
+/// The virtio devices: the root image, the vsock control channel, the scratch disk with `--scratch`,
+/// and with `--net` the network device and its passt. Returns the control connections' receiver and
+/// the passt.
+fn add_virtio_devices(
+    config: &VmConfig,
+    kvm: &KvmVm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    cmdline: &mut Cmdline,
+) -> Result<(Receiver<UnixStream>, Option<crate::net::passt::Passt>), BuildError> {
+    let root = Block::new(open_read_only(&config.rootfs)?, true)
+        .map_err(|e| BuildError::Block("the root image", e))?;
+    devices.add_virtio_device("virtio-blk", Arc::new(Mutex::new(root)), kvm, mem, cmdline)?;
+    let (control_tx, control) = channel();
+    let listeners = HashMap::from([(vmm_protocol::CONTROL_PORT, control_tx)]);
+    let vsock = Vsock::new(GUEST_CID, listeners).map_err(BuildError::Vsock)?;
+    devices.add_virtio_device(
+        "virtio-vsock",
+        Arc::new(Mutex::new(vsock)),
+        kvm,
+        mem,
+        cmdline,
+    )?;
+    if let Some(size) = config.scratch_bytes {
+        let disk = Block::new(scratch_disk(size)?, false)
+            .map_err(|e| BuildError::Block("the scratch disk", e))?;
+        devices.add_virtio_device(
+            "virtio-blk scratch",
+            Arc::new(Mutex::new(disk)),
+            kvm,
+            mem,
+            cmdline,
+        )?;
+        // the second virtio-blk disk the guest probes
+        cmdline.insert_str("vmm.scratch=vdb")?;
+    }
+    let passt = match &config.net {
+        Some(net) => {
+            let (passt, socket) = crate::net::passt::start(&net.passt)?;
+            let policy = crate::net::Policy::new(crate::net::passt::addresses(), net.allow.clone());
+            let device = Net::new(crate::net::passt::GUEST_MAC, socket, policy)?;
+            devices.add_virtio_device(
+                "virtio-net",
+                Arc::new(Mutex::new(device)),
+                kvm,
+                mem,
+                cmdline,
+            )?;
+            Some(passt)
+        }
+        None => None,
+    };
+    Ok((control, passt))
 }
 
 /// A sparse scratch disk of `size` bytes with an empty ext4 file system on it, private to this VM: the
