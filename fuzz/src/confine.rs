@@ -2,15 +2,17 @@
 //!
 //! The extractor targets run vmm's path-safe extractor on hostile tar streams, as root on a shared
 //! machine: a bug that let an entry escape its target directory would write wherever the fuzzer
-//! pointed it. So, when running as root, the first call moves this process into a mount namespace of
-//! its own (nothing it mounts there is seen outside) where every mount is read-only except
+//! pointed it. So, when running as root, the first call moves the thread that runs the target into a
+//! mount namespace of its own (nothing mounted there is seen outside) where every mount is read-only
+//! except
 //!
 //! - the scratch directory, a private tmpfs mounted over `fuzz/target/scratch`,
 //! - the `fuzz/` directory (libFuzzer writes new corpus entries and crash artifacts there),
 //! - `/tmp` (libFuzzer's `-merge`, which `cargo fuzz cmin` uses, keeps its control file there).
 //!
 //! An escape that reaches a read-only mount fails with EROFS, which the targets report as a finding;
-//! one that stays on a writable mount is caught by the targets' own checks of the scratch directory.
+//! one beside the target directory is caught by the targets' sentinel check (`Arena`); one into
+//! `fuzz/` or `/tmp` would go unnoticed, but could not harm the machine.
 //! Without root (or where namespaces are not allowed) there is no fence, and none is needed as much: the
 //! scratch directory is then a directory under the system's temporary directory.
 
@@ -117,8 +119,9 @@ fn unescape(field: &str) -> PathBuf {
 }
 
 fn fence(scratch: &Path) -> std::io::Result<()> {
-    // SAFETY: unshare has no memory-safety preconditions. This runs before the target starts any thread
-    // of its own (libFuzzer's own threads, if any, only watch timers).
+    // SAFETY: unshare has no memory-safety preconditions. The new namespace is this thread's alone (it
+    // gets its own copy of the file system attributes it shared with the others), and this is the
+    // thread that runs the target; libFuzzer's other thread only watches the process's memory use.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -180,6 +183,10 @@ fn fence(scratch: &Path) -> std::io::Result<()> {
     if !root_done {
         return Err(std::io::Error::other("/ is not in /proc/self/mountinfo"));
     }
+    // The working directory still refers to the file system as it was before the bind mounts, now
+    // read-only: look it up again, or libFuzzer's relative corpus and artifact paths (which `fuzz/run.sh`
+    // uses) would fail to be written, silently for new corpus entries.
+    std::env::set_current_dir(std::env::current_dir()?)?;
     Ok(())
 }
 
