@@ -88,7 +88,10 @@ fn disk_image() -> PathBuf {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     if std::fs::read(&path).ok().as_ref() != Some(&data) {
-        let tmp = work_dir().join(format!("fuzz-disk.img.{}", std::process::id()));
+        // tests run in parallel threads of one process: each writer needs a name of its own
+        static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = work_dir().join(format!("fuzz-disk.img.{}-{n}", std::process::id()));
         std::fs::write(&tmp, &data).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
     }
