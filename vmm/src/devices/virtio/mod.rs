@@ -8,6 +8,8 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_ring;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -14,16 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventSet, SubscriberOps};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::tests::FakeRegistry;
 use super::packet::{Header, HEADER_SIZE};
 use super::*;
+use crate::devices::virtio::test_ring::Ring;
 use crate::devices::virtio::{
     ActivateContext, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -68,6 +69,15 @@ struct Driver<'a> {
     tx_used_seen: u16,
 }
 
+/// The ring at `base` as this driver lays it out.
+fn ring(base: u64) -> Ring {
+    Ring {
+        base,
+        used_offset: USED_RING_OFFSET,
+        size: QUEUE_SIZE,
+    }
+}
+
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemory) -> Self {
         Driver {
@@ -94,27 +104,17 @@ impl<'a> Driver<'a> {
             (&self.event, EVENT_RING),
         ]
         .into_iter()
-        .map(|(mock, base)| {
-            let mut q: Queue = mock.create_queue().unwrap();
-            let used = base + USED_RING_OFFSET;
-            q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-            q
-        })
+        .map(|(mock, base)| ring(base).queue(mock))
         .collect()
     }
 
     /// Entry `i` of the used ring at `base` (the queue's base address): (descriptor id, length).
     fn used_elem(&self, base: u64, i: u16) -> (u32, u32) {
-        let at = base + USED_RING_OFFSET + 4 + 8 * u64::from(i % QUEUE_SIZE);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
+        ring(base).used_elem(self.mem, i)
     }
 
     fn used_idx(&self, base: u64) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(base + USED_RING_OFFSET + 2))
-            .unwrap()
+        ring(base).used_idx(self.mem)
     }
 
     /// Puts a chain of (len, flags) descriptors on a ring; descriptor i uses its own buffer slot.
@@ -125,38 +125,8 @@ impl<'a> Driver<'a> {
         base: u64,
         descs: &[(u64, u32, u16)],
     ) -> Option<Vec<u64>> {
-        if free.len() < descs.len() {
-            return None;
-        }
-        let idx: Vec<u16> = (0..descs.len()).map(|_| free.pop().unwrap()).collect();
-        let mut addrs = Vec::new();
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let addr = if addr == u64::MAX {
-                base + SLOT * u64::from(idx[i])
-            } else {
-                addr
-            };
-            addrs.push(addr);
-            let (flags, next) = match idx.get(i + 1) {
-                Some(&n) => (flags | VRING_DESC_F_NEXT as u16, n),
-                None => (flags, 0),
-            };
-            q.desc_table()
-                .store(
-                    idx[i],
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-                )
-                .unwrap();
-        }
-        let avail = q.avail().idx().load();
-        q.avail()
-            .ring()
-            .ref_at(usize::from(avail % QUEUE_SIZE))
-            .unwrap()
-            .store(idx[0]);
-        q.avail().idx().store(avail.wrapping_add(1));
-        chains.insert(idx[0], idx);
-        Some(addrs)
+        // the ring's own base does not matter for posting: only its size does
+        ring(0).push_chain(q, free, chains, (base, SLOT), descs)
     }
 
     fn post_rx(&mut self, layout: RxLayout) -> bool {
